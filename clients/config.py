@@ -1,0 +1,267 @@
+"""Typed, frozen configuration for what a client needs to train.
+
+The server composes these with its own sections (strategy, simulation) into a
+``RunConfig``; the client receives the flattened task in each round's
+``ConfigRecord`` and rebuilds the same dataclasses with :func:`from_flat`.
+Every value is checked when its dataclass is built, and an error names the
+dotted key and the offending value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+__all__ = [
+    "ConfigError",
+    "DatasetConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "PrivacyConfig",
+    "ClientTask",
+    "build",
+    "flatten",
+    "from_flat",
+]
+
+T = TypeVar("T")
+
+BUNDLED_DATASETS = ("digits", "mnist5k")
+PARTITIONERS = ("iid", "dirichlet")
+LR_SCHEDULES = ("constant", "step", "cosine")
+ACCOUNTANTS = ("rdp", "prv")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and value."""
+
+
+def _require(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Which bundled data set, how the server's test set and clients' data are cut.
+
+    Attributes
+    ----------
+    name : bundled data set (``digits`` or ``mnist5k``).
+    test_fraction : share held out by the server for central evaluation; no
+        client ever trains on it.
+    val_fraction : share of each client's partition kept for local validation.
+    partitioner : ``iid`` or ``dirichlet`` (flwr-datasets partitioners).
+    alpha : Dirichlet concentration (smaller is more heterogeneous).
+    min_partition_size : Dirichlet resamples until every client has this many.
+    """
+
+    name: str = "digits"
+    test_fraction: float = 0.2
+    val_fraction: float = 0.1
+    partitioner: str = "iid"
+    alpha: float = 0.5
+    min_partition_size: int = 10
+
+    def __post_init__(self) -> None:
+        _require(self.name in BUNDLED_DATASETS, "dataset.name", self.name,
+                 f"unknown data set; choose one of {list(BUNDLED_DATASETS)}")
+        _require(0.0 < self.test_fraction < 1.0, "dataset.test_fraction",
+                 self.test_fraction, "must be in (0, 1)")
+        _require(0.0 <= self.val_fraction < 1.0, "dataset.val_fraction",
+                 self.val_fraction, "must be in [0, 1)")
+        _require(self.partitioner in PARTITIONERS, "dataset.partitioner", self.partitioner,
+                 f"unknown partitioner; choose one of {list(PARTITIONERS)}")
+        _require(self.alpha > 0, "dataset.alpha", self.alpha, "must be > 0")
+        _require(self.min_partition_size >= 1, "dataset.min_partition_size",
+                 self.min_partition_size, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A model from the registry (``clients.models``) and its sizes."""
+
+    name: str = "mlp"
+    hidden: int = 64
+    channels: int = 16
+    groups: int = 4
+    dim: int = 32
+    heads: int = 2
+    layers: int = 1
+
+    def __post_init__(self) -> None:
+        for key in ("hidden", "channels", "groups", "dim", "heads", "layers"):
+            value = getattr(self, key)
+            _require(value >= 1, f"model.{key}", value, "must be >= 1")
+        _require(self.channels % self.groups == 0, "model.groups", self.groups,
+                 f"must divide model.channels={self.channels}")
+        _require(self.dim % self.heads == 0, "model.heads", self.heads,
+                 f"must divide model.dim={self.dim}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The federated schedule and each client's local optimisation.
+
+    ``lr_schedule`` sets the learning rate of round r (1-based) of ``rounds``:
+    ``constant``; ``step`` (times ``lr_gamma`` every ``lr_step_rounds``);
+    ``cosine`` (from ``lr`` down to ``lr_min``).
+    """
+
+    rounds: int = 10
+    local_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.5
+    momentum: float = 0.0
+    lr_schedule: str = "constant"
+    lr_gamma: float = 0.5
+    lr_step_rounds: int = 5
+    lr_min: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("rounds", "local_epochs", "batch_size", "lr_step_rounds"):
+            value = getattr(self, key)
+            _require(value >= 1, f"train.{key}", value, "must be >= 1")
+        _require(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        _require(0 <= self.momentum < 1, "train.momentum", self.momentum, "must be in [0, 1)")
+        _require(self.lr_schedule in LR_SCHEDULES, "train.lr_schedule", self.lr_schedule,
+                 f"choose one of {list(LR_SCHEDULES)}")
+        _require(0 < self.lr_gamma <= 1, "train.lr_gamma", self.lr_gamma, "must be in (0, 1]")
+        _require(0 <= self.lr_min <= self.lr, "train.lr_min", self.lr_min,
+                 f"must be in [0, train.lr={self.lr}]")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Sample-level DP-SGD at each client (Opacus).
+
+    σ is calibrated once per client for the whole planned schedule so that its
+    cumulative ε after the last round is at most ``target_epsilon`` at ``delta``
+    (Abadi et al. 2016; accountant: Mironov 2017 RDP or Gopi et al. 2021 PRV).
+    """
+
+    target_epsilon: float = 3.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    grad_sample_mode: str = "hooks"
+
+    def __post_init__(self) -> None:
+        _require(self.target_epsilon > 0, "privacy.target_epsilon", self.target_epsilon,
+                 "must be > 0")
+        _require(0 < self.delta < 1, "privacy.delta", self.delta, "must be in (0, 1)")
+        _require(self.max_grad_norm > 0, "privacy.max_grad_norm", self.max_grad_norm,
+                 "must be > 0")
+        _require(self.accountant in ACCOUNTANTS, "privacy.accountant", self.accountant,
+                 f"choose one of {list(ACCOUNTANTS)}")
+        _require(self.grad_sample_mode in GRAD_SAMPLE_MODES, "privacy.grad_sample_mode",
+                 self.grad_sample_mode, f"choose one of {list(GRAD_SAMPLE_MODES)}")
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    """Everything the server tells a client about the task (sent every round)."""
+
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+
+# --------------------------------------------------------------------------
+# Generic building and flattening of nested frozen dataclasses
+# --------------------------------------------------------------------------
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """Coerce ints to floats where a float is declared; refuse other mismatches."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (dict, Mapping) or tp is dict:
+        _require(isinstance(value, Mapping), key, value, "must be a mapping")
+        return dict(value)
+    if origin in (list, tuple):
+        _require(isinstance(value, (list, tuple)), key, value, "must be a list")
+        return tuple(value)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_type(key, value, args[0])
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _require(ok, key, value, "must be a number")
+        return float(value)
+    if tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        _require(ok, key, value, "must be an integer")
+        return value
+    if tp is bool:
+        _require(isinstance(value, bool), key, value, "must be true or false")
+        return value
+    if tp is str:
+        _require(isinstance(value, str), key, value, "must be a string")
+        return value
+    return value
+
+
+def build(cls: type[T], data: Mapping[str, Any] | None, prefix: str = "") -> T:
+    """Build the dataclass ``cls`` from a nested mapping, checking every key.
+
+    Unknown keys and wrongly typed values raise :class:`ConfigError` naming
+    the dotted key.
+    """
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise ConfigError(f"{key}={data[unknown[0]]!r}: unknown key")
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = build(tp, data[f.name], prefix=f"{key}.")  # type: ignore[arg-type]
+        else:
+            kwargs[f.name] = _check_type(key, data[f.name], tp)
+    return cls(**kwargs)
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten a nested dataclass into ``{"a.b": scalar}`` (mappings are skipped)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, prefix=f"{key}."))
+        elif isinstance(value, (bool, int, float, str)):
+            out[key] = value
+    return out
+
+
+def from_flat(cls: type[T], flat: Mapping[str, Any]) -> T:
+    """Inverse of :func:`flatten` for the keys that belong to ``cls``."""
+    nested: dict[str, Any] = {}
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key, value in flat.items():
+        parts = key.split(".")
+        if parts[0] not in names:
+            continue
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return build(cls, nested)

@@ -1,0 +1,124 @@
+"""Model registry. Every model here must pass Opacus' ``ModuleValidator``.
+
+No BatchNorm (it mixes samples, which breaks per-sample gradients); the CNN
+uses GroupNorm, and the transformer is built from layers that have Opacus
+per-sample gradient samplers (Linear, LayerNorm, Embedding).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from clients.config import ConfigError, ModelConfig
+
+__all__ = ["MODELS", "build_model", "check_dp_compatible"]
+
+Shape = tuple[int, int, int]
+
+
+class MLP(nn.Module):
+    def __init__(self, shape: Shape, num_classes: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        c, h, w = shape
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(c * h * w, cfg.hidden),
+            nn.Tanh(),
+            nn.Linear(cfg.hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CNN(nn.Module):
+    def __init__(self, shape: Shape, num_classes: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        c, h, w = shape
+        ch = cfg.channels
+        self.features = nn.Sequential(
+            nn.Conv2d(c, ch, 3, padding=1),
+            nn.GroupNorm(cfg.groups, ch),
+            nn.Tanh(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(ch, 2 * ch, 3, padding=1),
+            nn.GroupNorm(cfg.groups, 2 * ch),
+            nn.Tanh(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(2 * ch * 4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class _Block(nn.Module):
+    """Pre-norm encoder block with attention written from Linear layers."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // self.heads), dim=-1)
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """A small encoder over image rows: each row is one token."""
+
+    def __init__(self, shape: Shape, num_classes: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        c, h, w = shape
+        self.embed = nn.Linear(c * w, cfg.dim)
+        self.pos = nn.Embedding(h, cfg.dim)
+        self.blocks = nn.Sequential(*[_Block(cfg.dim, cfg.heads) for _ in range(cfg.layers)])
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.embed(x.permute(0, 2, 1, 3).reshape(b, h, c * w))
+        positions = torch.arange(h, device=x.device).expand(b, h)
+        z = self.blocks(tokens + self.pos(positions))
+        return self.head(self.norm(z).mean(dim=1))
+
+
+MODELS: dict[str, Callable[[Shape, int, ModelConfig], nn.Module]] = {
+    "mlp": MLP,
+    "cnn": CNN,
+    "transformer": Transformer,
+}
+
+
+def build_model(cfg: ModelConfig, shape: Shape, num_classes: int, seed: int = 0) -> nn.Module:
+    """Build a registered model with seeded initial weights."""
+    if cfg.name not in MODELS:
+        raise ConfigError(f"model.name={cfg.name!r}: unknown model; choose one of {sorted(MODELS)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MODELS[cfg.name](shape, num_classes, cfg)
+
+
+def check_dp_compatible(model: nn.Module, name: str) -> None:
+    """Raise :class:`ConfigError` if Opacus cannot train ``model`` with DP-SGD."""
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        details = "; ".join(str(e) for e in errors)
+        raise ConfigError(f"model.name={name!r}: not compatible with Opacus DP-SGD: {details}")

@@ -1,0 +1,130 @@
+"""One round of local DP-SGD (Opacus) and plain evaluation.
+
+The privacy state of a client is its accountant history, a list of
+``(noise_multiplier, sample_rate, steps)``. It is passed in, extended by this
+round's steps, and returned; the caller persists it. A fresh ``PrivacyEngine``
+per round is fine *because* its accountant is loaded with that whole history
+first, so the ε it reports is cumulative, never one round's.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from clients.config import ClientTask
+from clients.data import ArrayData
+from privacy import Release
+
+__all__ = ["RoundResult", "dp_train_round", "predict", "pick_device"]
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    history: list[Release]
+    steps: int
+    sample_rate: float
+    train_loss: float
+    epsilon: float
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def _tensors(data: ArrayData) -> TensorDataset:
+    return TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y))
+
+
+def dp_train_round(
+    model: nn.Module,
+    data: ArrayData,
+    task: ClientTask,
+    *,
+    lr: float,
+    noise_multiplier: float,
+    history: list[Release],
+    seed: int,
+    device: torch.device,
+) -> RoundResult:
+    """Train ``model`` in place for ``task.train.local_epochs`` epochs of DP-SGD.
+
+    Poisson sampling with rate ``1 / ceil(n / batch_size)``, per-sample
+    clipping to ``max_grad_norm`` and Gaussian noise of std
+    ``noise_multiplier * max_grad_norm`` (Abadi et al. 2016).
+    """
+    from opacus import PrivacyEngine
+
+    pcfg, tcfg = task.privacy, task.train
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(_tensors(data), batch_size=tcfg.batch_size, generator=generator)
+    model.to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=tcfg.momentum)
+    criterion = nn.CrossEntropyLoss()
+
+    engine = PrivacyEngine(accountant=pcfg.accountant)
+    engine.accountant.history = list(history)
+    steps_before = sum(s for _, _, s in history)
+    with warnings.catch_warnings():
+        # Opacus warns that secure_mode is off; the run records the generator used.
+        warnings.simplefilter("ignore", UserWarning)
+        private = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            criterion=criterion,
+            data_loader=loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=pcfg.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=pcfg.grad_sample_mode,
+        )
+    if pcfg.grad_sample_mode == "ghost":
+        dp_model, dp_opt, dp_crit, dp_loader = private
+    else:
+        dp_model, dp_opt, dp_loader = private
+        dp_crit = criterion
+
+    losses: list[float] = []
+    for _ in range(tcfg.local_epochs):
+        for xb, yb in dp_loader:
+            xb, yb = xb.to(device), yb.to(device)
+            dp_opt.zero_grad(set_to_none=True)
+            out = dp_model(xb)
+            # An empty Poisson batch still costs a step: noise only.
+            loss = dp_crit(out, yb) if len(yb) else out.sum() * 0.0
+            loss.backward()
+            dp_opt.step()
+            if len(yb):
+                losses.append(float(loss.detach()))
+
+    new_history = [(float(s), float(q), int(n)) for s, q, n in engine.accountant.history]
+    steps = sum(n for _, _, n in new_history) - steps_before
+    return RoundResult(
+        history=new_history,
+        steps=steps,
+        sample_rate=float(dp_loader.sample_rate),
+        train_loss=float(np.mean(losses)) if losses else float("nan"),
+        epsilon=float(engine.accountant.get_epsilon(delta=pcfg.delta)),
+    )
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: ArrayData, device: torch.device,
+            batch_size: int = 1024) -> np.ndarray:
+    """Class probabilities, shape ``(N, num_classes)``."""
+    model.to(device).eval()
+    out = []
+    for (xb,) in DataLoader(TensorDataset(torch.from_numpy(data.x)), batch_size=batch_size):
+        out.append(torch.softmax(model(xb.to(device)), dim=1).cpu().numpy())
+    if not out:
+        return np.zeros((0, data.num_classes), dtype=np.float32)
+    return np.concatenate(out).astype(np.float64)

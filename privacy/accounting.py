@@ -1,0 +1,88 @@
+"""Pure accounting over histories of Gaussian releases.
+
+A history is a list of ``(noise_multiplier, sample_rate, steps)`` tuples, the
+same shape as an Opacus accountant's ``history``. These functions hold no
+state: whoever owns a history persists it (across rounds, and on disk at a real
+site) and asks for ε from the whole of it, so every ε is cumulative.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+__all__ = [
+    "Release",
+    "planned_poisson_schedule",
+    "calibrate_noise_multiplier",
+    "epsilon",
+]
+
+Release = tuple[float, float, int]
+
+
+def planned_poisson_schedule(
+    *, num_samples: int, batch_size: int, local_epochs: int, rounds: int
+) -> tuple[float, int, int]:
+    """The sampling rate and steps Opacus' Poisson loader will use.
+
+    Opacus converts a loader of ``ceil(n / B)`` batches into Poisson sampling
+    with ``q = 1 / ceil(n / B)`` and ``int(1 / q)`` steps per epoch.
+
+    Returns
+    -------
+    (sample_rate, steps_per_round, total_steps)
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples}: a client needs at least one record")
+    if batch_size < 1 or local_epochs < 1 or rounds < 1:
+        raise ValueError("batch_size, local_epochs and rounds must be >= 1")
+    num_batches = -(-num_samples // batch_size)
+    sample_rate = 1.0 / num_batches
+    steps_per_round = local_epochs * int(1 / sample_rate)
+    return sample_rate, steps_per_round, steps_per_round * rounds
+
+
+def calibrate_noise_multiplier(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "rdp",
+) -> float:
+    """Smallest σ (to a tolerance) whose ε after ``steps`` is at most the target.
+
+    Binary search by Opacus' ``get_noise_multiplier``; the returned σ always
+    gives ε ≤ ``target_epsilon`` for the whole planned schedule.
+    """
+    from opacus.accountants.utils import get_noise_multiplier
+
+    if target_epsilon <= 0:
+        raise ValueError(f"target_epsilon={target_epsilon}: must be > 0")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta={delta}: must be in (0, 1)")
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+            epsilon_tolerance=0.005,
+        )
+    )
+
+
+def epsilon(*, history: Iterable[Sequence[float]], delta: float, accountant: str = "rdp") -> float:
+    """Cumulative ε at ``delta`` of a whole history (0.0 for an empty one).
+
+    ``rdp``: Mironov 2017 with the conversion of Balle et al. 2020 (Opacus);
+    ``prv``: Gopi, Lee & Wutschitz 2021 (Opacus; an upper bound).
+    """
+    from opacus.accountants import create_accountant
+
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    if not acc.history:
+        return 0.0
+    return float(acc.get_epsilon(delta=delta))

@@ -1,0 +1,84 @@
+"""The fedpriv ServerApp.
+
+``fedpriv simulate`` builds the config with hydra and hands it to
+:func:`make_server_app`; ``flwr run .`` loads :data:`app`, which composes the
+same ``conf/`` with the same hydra defaults (plus the overrides in the run
+config key ``fedpriv.overrides``). Both end in :func:`server.loop.run_federation`.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from omegaconf import DictConfig, OmegaConf
+
+from server.config import RunConfig, load_run_config
+from server.console import RoundReporter, remove_log_handler, route_logs_to_file
+from server.loop import run_federation
+from server.rundir import RunDir
+
+__all__ = ["CONF_DIR", "app", "compose_config", "to_run_config", "make_server_app", "serve"]
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def to_run_config(dc: DictConfig) -> tuple[RunConfig, str]:
+    """Validate a composed hydra config; return it typed, and as resolved YAML."""
+    container = OmegaConf.to_container(dc, resolve=True)
+    assert isinstance(container, dict)  # a composed config is always a mapping
+    container.pop("hydra", None)
+    return load_run_config(container), OmegaConf.to_yaml(OmegaConf.create(container))
+
+
+def compose_config(overrides: list[str]) -> tuple[RunConfig, str]:
+    """Compose ``conf/`` with hydra's defaults and ``overrides`` (no run dir)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return to_run_config(compose(config_name="config", overrides=overrides))
+
+
+def serve(grid: Grid, cfg: RunConfig, run_dir: RunDir, resolved_yaml: str) -> dict[str, Any]:
+    run_dir.write_config(resolved_yaml)
+    reporter = RoundReporter(cfg.train.rounds, enabled=cfg.output.progress)
+    try:
+        return run_federation(grid, cfg, run_dir, reporter)
+    finally:
+        run_dir.close()
+
+
+def make_server_app(cfg: RunConfig, run_dir: RunDir, resolved_yaml: str) -> ServerApp:
+    """A ServerApp bound to an already validated config (the hydra entry point)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        serve(grid, cfg, run_dir, resolved_yaml)
+
+    return server_app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for ``flwr run .``."""
+    overrides = shlex.split(str(context.run_config.get("fedpriv.overrides", "")))
+    cfg, resolved = compose_config(overrides)
+    path = str(context.run_config.get("fedpriv.run-dir", "")) or str(
+        Path("outputs") / "flwr" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    )
+    run_dir = RunDir(path, tensorboard=cfg.output.tensorboard)
+    handler = route_logs_to_file(run_dir.path)
+    try:
+        serve(grid, cfg, run_dir, resolved)
+    finally:
+        remove_log_handler(handler)

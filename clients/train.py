@@ -108,6 +108,8 @@ def dp_train_round(
             if len(yb):
                 losses.append(float(loss.detach()))
 
+    # Detach Opacus' hooks and per-sample buffers: `model` is a plain module again.
+    dp_model._close()
     new_history = [(float(s), float(q), int(n)) for s, q, n in engine.accountant.history]
     steps = sum(n for _, _, n in new_history) - steps_before
     return RoundResult(

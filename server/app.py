@@ -8,6 +8,7 @@ config key ``fedpriv.overrides``). Both end in :func:`server.loop.run_federation
 
 from __future__ import annotations
 
+import logging
 import shlex
 import time
 from pathlib import Path
@@ -70,14 +71,24 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point for ``flwr run .``."""
+    """Entry point for ``flwr run .``.
+
+    This runs inside the SuperLink's ``flwr-simulation`` process, whose working
+    directory is wherever the background SuperLink was first started; a relative
+    ``fedpriv.run-dir`` (and the default) resolves against that, so the absolute
+    path is printed (``flwr run --stream`` / ``flwr log`` show it).
+    """
     overrides = shlex.split(str(context.run_config.get("fedpriv.overrides", "")))
     cfg, resolved = compose_config(overrides)
     path = str(context.run_config.get("fedpriv.run-dir", "")) or str(
         Path("outputs") / "flwr" / time.strftime("%Y-%m-%d_%H-%M-%S")
     )
-    run_dir = RunDir(path, tensorboard=cfg.output.tensorboard)
+    run_dir = RunDir(Path(path).expanduser().resolve(), tensorboard=cfg.output.tensorboard)
+    print(f"fedpriv: run directory {run_dir.path}", flush=True)
     handler = route_logs_to_file(run_dir.path)
+    # The root logger is now at INFO; under a SuperLink, httpx would log every
+    # log-upload request, and those lines are themselves uploaded (a feedback loop).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         serve(grid, cfg, run_dir, resolved)
     finally:

@@ -33,7 +33,13 @@ def _require(ok: bool, key: str, value: Any, why: str) -> None:
 
 @dataclass(frozen=True)
 class StrategyConfig:
-    """Aggregation (``flwr.serverapp.strategy``) and client sampling per round."""
+    """Aggregation (``flwr.serverapp.strategy``) and client sampling per round.
+
+    ``ema`` > 0 keeps an exponential moving average of the global models
+    (weight ``ema`` on the past); central evaluation and the saved model use
+    it. Clients still train from the plain aggregate. It only post-processes
+    released updates, so it costs no privacy.
+    """
 
     name: str = "fedavg"
     fraction_train: float = 1.0
@@ -41,8 +47,10 @@ class StrategyConfig:
     min_train_clients: int = 2
     min_evaluate_clients: int = 2
     round_timeout: float = 600.0
+    ema: float = 0.0
 
     def __post_init__(self) -> None:
+        _require(0 <= self.ema < 1, "strategy.ema", self.ema, "must be in [0, 1)")
         _require(self.name in STRATEGIES, "strategy.name", self.name,
                  f"unknown strategy; choose one of {list(STRATEGIES)}")
         _require(0 < self.fraction_train <= 1, "strategy.fraction_train", self.fraction_train,

@@ -105,10 +105,19 @@ def _client_rows(replies: list[Message]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["client"])
 
 
-def _central(model: torch.nn.Module, arrays: ArrayRecord, test: ArrayData,
+def _central(model: torch.nn.Module, weights: dict[str, torch.Tensor], test: ArrayData,
              device: torch.device) -> dict[str, Any]:
-    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+    model.load_state_dict(weights, strict=True)
     return classification_metrics(test.y, predict(model, test, device))
+
+
+def _ema(previous: dict[str, torch.Tensor] | None, new: dict[str, torch.Tensor],
+         decay: float) -> dict[str, torch.Tensor]:
+    """Exponential moving average of floating-point weights (others: latest)."""
+    if previous is None or decay == 0:
+        return new
+    return {k: decay * previous[k] + (1 - decay) * v if v.is_floating_point() else v
+            for k, v in new.items()}
 
 
 def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
@@ -130,11 +139,13 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
     tally = _PrivacyTally()
     central: dict[str, Any] = {}
     eps_max = 0.0
+    smoothed: dict[str, torch.Tensor] | None = None
     with reporter:
         for rnd in range(1, cfg.train.rounds + 1):
             t_round = time.perf_counter()
             lr = lr_for_round(cfg.train, rnd)
-            config = ConfigRecord({**task, "lr": lr, "num-threads": max(1, int(cfg.simulation.num_cpus))})
+            threads = max(1, int(cfg.simulation.num_cpus))
+            config = ConfigRecord({**task, "lr": lr, "num-threads": threads})
             replies = _send(grid, strategy.configure_train(rnd, arrays, config, grid),
                             s.round_timeout, f"training round {rnd}")
             clients = _client_rows(replies)
@@ -151,7 +162,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
                            s.round_timeout, f"evaluation round {rnd}")
                 agg = strategy.aggregate_evaluate(rnd, ev)
                 fed_eval = dict(agg) if agg is not None else None
-            central = _central(model, arrays, test, device)
+            smoothed = _ema(smoothed, arrays.to_torch_state_dict(), s.ema)
+            central = _central(model, smoothed, test, device)
             eps_max = tally.epsilon_max(cfg.privacy.delta, cfg.privacy.accountant)
             record = {
                 "round": rnd, "lr": lr, "central": central, "clients": clients,
@@ -159,8 +171,10 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
                 "wall_seconds": time.perf_counter() - t_round,
             }
             run_dir.append_round(record)
+            log.info("round %d: central %s, eps_max %.4f", rnd,
+                     {k: v for k, v in central.items() if k != "confusion_matrix"}, eps_max)
             reporter.round_done(record, eps_max)
-    run_dir.save_model(arrays.to_torch_state_dict())
+    run_dir.save_model(smoothed if smoothed is not None else arrays.to_torch_state_dict())
     summary = {
         "rounds": cfg.train.rounds,
         "num_clients": cfg.simulation.num_clients,

@@ -7,6 +7,7 @@ Flower's simulation engine runs the ServerApp and ClientApp on Ray.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -41,6 +42,8 @@ def run_simulation_from_config(cfg: RunConfig, run_dir: RunDir, resolved_yaml: s
     from clients.app import app as client_app
     from server.app import make_server_app
 
+    # Ray prints a FutureWarning about GPU env vars on every start unless told.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     handler = route_logs_to_file(run_dir.path)
     try:
         run_simulation(

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
+from clients.config import TrainConfig
 from server.evaluation import classification_metrics
 from server.loop import lr_for_round
-from clients.config import TrainConfig
 
 
 def test_metrics_on_a_hand_checked_example():

@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 from clients.config import ClientTask, ConfigError, from_flat
 from clients.data import ArrayData, client_partition
 from clients.models import build_model
+from clients.records import array_record, config_record, integer, number, numbers
 from clients.train import dp_train_round, pick_device, predict
 from privacy import Release, calibrate_noise_multiplier, planned_poisson_schedule
 
@@ -58,7 +59,8 @@ def _site(context: Context) -> tuple[int, int, str]:
             "node config must set 'partition-id' and 'num-partitions' "
             f"(got keys {sorted(cfg)})"
         )
-    return int(cfg["partition-id"]), int(cfg["num-partitions"]), str(cfg.get("device", "auto"))
+    return integer(cfg, "partition-id"), integer(cfg, "num-partitions"), str(
+        cfg.get("device", "auto"))
 
 
 def _load(task: ClientTask, context: Context) -> tuple[int, ArrayData, ArrayData, torch.device]:
@@ -77,9 +79,10 @@ def _model(task: ClientTask, data: ArrayData, arrays: ArrayRecord) -> torch.nn.M
 def _privacy_state(context: Context, task: ClientTask, n: int) -> tuple[float, list[Release]]:
     """σ and history; σ is calibrated on first use for the whole planned schedule."""
     if STATE_KEY in context.state:
-        rec = context.state[STATE_KEY]
-        history = list(zip(rec["sigma_hist"], rec["q_hist"], rec["steps_hist"], strict=True))
-        return float(rec["noise_multiplier"]), [(float(s), float(q), int(k)) for s, q, k in history]
+        rec = config_record(context.state, STATE_KEY)
+        history = zip(numbers(rec, "sigma_hist"), numbers(rec, "q_hist"),
+                      numbers(rec, "steps_hist"), strict=True)
+        return number(rec, "noise_multiplier"), [(s, q, int(k)) for s, q, k in history]
     tc = task.train
     q, _, total = planned_poisson_schedule(
         num_samples=n, batch_size=tc.batch_size, local_epochs=tc.local_epochs, rounds=tc.rounds
@@ -104,21 +107,21 @@ def _save_privacy_state(context: Context, sigma: float, history: list[Release]) 
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model with DP-SGD on this client's data."""
     with _report_failures(context.node_config.get("partition-id", "?")):
-        config = msg.content["config"]
+        config = config_record(msg.content)
         task = from_flat(ClientTask, dict(config))
-        server_round = int(config["server-round"])
+        server_round = integer(config, "server-round")
         if server_round > task.train.rounds:
             raise ConfigError(
                 f"server-round={server_round}: beyond the {task.train.rounds} rounds "
                 "this client's noise was calibrated for"
             )
         pid, train_data, _, device = _load(task, context)
-        model = _model(task, train_data, msg.content["arrays"])
+        model = _model(task, train_data, array_record(msg.content))
         sigma, history = _privacy_state(context, task, len(train_data))
-        torch.set_num_threads(max(1, int(config.get("num-threads", 1))))
+        torch.set_num_threads(max(1, integer(config, "num-threads")))
         result = dp_train_round(
             model, train_data, task,
-            lr=float(config["lr"]), noise_multiplier=sigma, history=history,
+            lr=number(config, "lr"), noise_multiplier=sigma, history=history,
             seed=derive_seed(task.train.seed, server_round, pid), device=device,
         )
         # Persist the spend before the update leaves this function.
@@ -142,9 +145,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this client's local validation split."""
     with _report_failures(context.node_config.get("partition-id", "?")):
-        task = from_flat(ClientTask, dict(msg.content["config"]))
+        task = from_flat(ClientTask, dict(config_record(msg.content)))
         pid, _, val, device = _load(task, context)
-        model = _model(task, val, msg.content["arrays"])
+        model = _model(task, val, array_record(msg.content))
         probs = predict(model, val, device)
         correct = float((probs.argmax(1) == val.y).sum()) if len(val) else 0.0
         nll = -torch.log(torch.from_numpy(probs[range(len(val)), val.y]).clamp_min(1e-12))

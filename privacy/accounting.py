@@ -19,6 +19,8 @@ __all__ = [
 
 Release = tuple[float, float, int]
 
+MAX_USEFUL_SIGMA = 1e3
+
 
 def planned_poisson_schedule(
     *, num_samples: int, batch_size: int, local_epochs: int, rounds: int
@@ -61,6 +63,17 @@ def calibrate_noise_multiplier(
         raise ValueError(f"target_epsilon={target_epsilon}: must be > 0")
     if not 0 < delta < 1:
         raise ValueError(f"delta={delta}: must be in (0, 1)")
+    if target_epsilon < 1.0:
+        # The RDP -> (ε, δ) conversion has a floor (about 0.1 at δ = 1e-5), and Opacus'
+        # search takes minutes to find that out; ask once, at a σ no useful run exceeds.
+        floor = epsilon(history=[(MAX_USEFUL_SIGMA, sample_rate, steps)], delta=delta,
+                        accountant=accountant)
+        if floor > target_epsilon:
+            raise ValueError(
+                f"target_epsilon={target_epsilon}: unreachable with the {accountant} "
+                f"accountant at delta={delta}; even noise_multiplier={MAX_USEFUL_SIGMA:g} "
+                f"gives epsilon={floor:.4f}"
+            )
     return float(
         get_noise_multiplier(
             target_epsilon=target_epsilon,

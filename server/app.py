@@ -18,6 +18,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
+from clients.config import ConfigError
 from server.config import RunConfig, load_run_config
 from server.console import RoundReporter, remove_log_handler, route_logs_to_file
 from server.loop import run_federation
@@ -31,9 +32,10 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 def to_run_config(dc: DictConfig) -> tuple[RunConfig, str]:
     """Validate a composed hydra config; return it typed, and as resolved YAML."""
     container = OmegaConf.to_container(dc, resolve=True)
-    assert isinstance(container, dict)  # a composed config is always a mapping
-    container.pop("hydra", None)
-    return load_run_config(container), OmegaConf.to_yaml(OmegaConf.create(container))
+    if not isinstance(container, dict):
+        raise ConfigError(f"config root={container!r}: expected a mapping")
+    data: dict[str, Any] = {str(k): v for k, v in container.items() if k != "hydra"}
+    return load_run_config(data), OmegaConf.to_yaml(OmegaConf.create(data))
 
 
 def compose_config(overrides: list[str]) -> tuple[RunConfig, str]:

@@ -73,7 +73,7 @@ class SimulationConfig:
     running Ray cluster).
     """
 
-    num_clients: int = 4
+    num_clients: int = 3
     backend: str = "ray"
     num_cpus: float = 1.0
     num_gpus: float = 0.0

@@ -14,30 +14,41 @@ __all__ = ["route_logs_to_file", "RoundReporter"]
 LOG_FILE = "fedpriv.log"
 
 
-def route_logs_to_file(run_dir: Path) -> logging.Handler:
-    """Send Flower's, Ray's and Python's warnings to ``run_dir/fedpriv.log``.
+_ROUTED = ("flwr", "ray", "py.warnings", "fedpriv", "")
 
-    Flower installs its own console handler on the ``flwr`` logger; it is
-    removed here so the console shows only fedpriv's round lines.
+
+def _is_console(h: logging.Handler) -> bool:
+    return isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+
+
+def route_logs_to_file(run_dir: Path) -> logging.Handler:
+    """Send Flower's, Ray's, fedpriv's logs and Python warnings to ``run_dir/fedpriv.log``.
+
+    Flower (and sometimes Ray, on the root logger) install console handlers;
+    they are taken off for the run, so the console shows only the round lines,
+    and put back by :func:`remove_log_handler`.
     """
     handler = logging.FileHandler(run_dir / LOG_FILE, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler._fedpriv_removed = []  # type: ignore[attr-defined]
     logging.captureWarnings(True)
-    for name in ("flwr", "ray", "py.warnings", "fedpriv", ""):
+    for name in _ROUTED:
         logger = logging.getLogger(name)
-        if name == "flwr":
-            for h in list(logger.handlers):
-                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
-                    logger.removeHandler(h)
-            logger.propagate = False
+        logger.setLevel(logging.DEBUG if name == "flwr" else logging.INFO)
+        for h in [h for h in logger.handlers if _is_console(h)]:
+            logger.removeHandler(h)
+            handler._fedpriv_removed.append((logger, h))  # type: ignore[attr-defined]
+        logger.propagate = not name
         logger.addHandler(handler)
-    logging.getLogger().setLevel(logging.INFO)
     return handler
 
 
 def remove_log_handler(handler: logging.Handler) -> None:
-    for name in ("flwr", "ray", "py.warnings", "fedpriv", ""):
+    """Undo :func:`route_logs_to_file`."""
+    for name in _ROUTED:
         logging.getLogger(name).removeHandler(handler)
+    for logger, h in getattr(handler, "_fedpriv_removed", []):
+        logger.addHandler(h)
     handler.close()
 
 

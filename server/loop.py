@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 from clients.config import TrainConfig, flatten
 from clients.data import ArrayData, server_test_split
 from clients.models import build_model
+from clients.records import integer, metric_record, number
 from clients.train import pick_device, predict
 from privacy import epsilon
 from server.config import RunConfig
@@ -91,16 +92,16 @@ def _send(grid: Grid, messages: Iterable[Message], timeout: float, what: str) ->
 def _client_rows(replies: list[Message]) -> list[dict[str, Any]]:
     rows = []
     for m in replies:
-        met = m.content["metrics"]
+        met = metric_record(m.content)
         rows.append({
-            "client": int(met["client"]),
-            "num_examples": int(met["num-examples"]),
-            "epsilon": float(met["epsilon"]),
-            "noise_multiplier": float(met["noise_multiplier"]),
-            "sample_rate": float(met["sample_rate"]),
-            "steps": int(met["steps"]),
-            "total_steps": int(met["total_steps"]),
-            "train_loss": float(met["train_loss"]),
+            "client": integer(met, "client"),
+            "num_examples": integer(met, "num-examples"),
+            "epsilon": number(met, "epsilon"),
+            "noise_multiplier": number(met, "noise_multiplier"),
+            "sample_rate": number(met, "sample_rate"),
+            "steps": integer(met, "steps"),
+            "total_steps": integer(met, "total_steps"),
+            "train_loss": number(met, "train_loss"),
         })
     return sorted(rows, key=lambda r: r["client"])
 

@@ -6,9 +6,10 @@ use), starts a detached ``flower-superlink --simulation`` if nothing answers
 on ``127.0.0.1:$FLWR_LOCAL_SUPERLINK_HTTP_API_PORT/health`` (default 39091),
 submits the FAB, and with ``--stream`` prints the run's logs until it ends.
 The SuperLink (and its ``flower-superexec``) keep running afterwards; flwr has
-no command to stop them, so this test kills every process that carries its
-own marker in the environment (the CLI passes its environment down to the
-SuperLink, which passes it to SuperExec, ``flwr-simulation`` and Ray).
+no command to stop them (``flwr stop`` stops a run), so this test kills every
+process that carries its own marker in the environment (the CLI passes its
+environment down to the SuperLink, which passes it to SuperExec,
+``flwr-simulation`` and Ray), or that lives in one of their sessions.
 
 Isolation: ``FLWR_HOME`` is a tmp folder, and the SuperLink gets free ports
 so that it never reuses a SuperLink someone else started on the default port.
@@ -41,21 +42,29 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _marked_pids(token: str) -> list[int]:
-    """Live (non-zombie) processes whose environment holds MARKER=token."""
-    needle = f"{MARKER}={token}".encode()
+def _stat(pid: int) -> tuple[str, int]:
+    """(state, session id) of a process, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return fields[0], int(fields[3])
+
+
+def _our_pids(needles: set[bytes], sids: set[int]) -> list[int]:
+    """Live (non-zombie) processes with one of ``needles`` in their environment or in
+    one of the sessions ``sids``. Ray's agents overwrite part of their environment
+    with their process title, so the session is the fallback that finds them."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
+        pid = int(entry.name)
         try:
-            if needle not in (entry / "environ").read_bytes().split(b"\0"):
+            state, sid = _stat(pid)
+            if state == "Z":
                 continue
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:  # gone, or not ours
+            if sid in sids or needles & set((entry / "environ").read_bytes().split(b"\0")):
+                found.append(pid)
+        except (OSError, IndexError, ValueError):  # gone, or not ours to read
             continue
-        if state != "Z":
-            found.append(int(entry.name))
     return found
 
 
@@ -74,14 +83,14 @@ def _signal(pids: list[int], sig: signal.Signals) -> None:
             pass
 
 
-def _wait_gone(token: str, timeout: float) -> list[int]:
+def _wait_gone(needles: set[bytes], sids: set[int], timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
-    while (left := _marked_pids(token)) and time.monotonic() < deadline:
+    while (left := _our_pids(needles, sids)) and time.monotonic() < deadline:
         time.sleep(0.2)
     return left
 
 
-def _stop_everything(cli: subprocess.Popen[bytes] | None, token: str) -> list[str]:
+def _stop_everything(cli: subprocess.Popen[bytes] | None, needles: set[bytes]) -> list[str]:
     """Stop the CLI, the background SuperLink and all it spawned; return survivors."""
     if cli is not None and cli.poll() is None:
         cli.terminate()
@@ -90,14 +99,23 @@ def _stop_everything(cli: subprocess.Popen[bytes] | None, token: str) -> list[st
         except subprocess.TimeoutExpired:
             cli.kill()
             cli.wait(timeout=10)
-    # SuperLink first: on SIGTERM it shuts down its SuperExec itself.
-    pids = _marked_pids(token)
-    _signal([p for p in pids if "flower-superlink" in _cmdline(p)], signal.SIGTERM)
-    pids = _wait_gone(token, 15)
-    _signal(pids, signal.SIGTERM)  # SuperExec, flwr-simulation, Ray, if any are left
-    pids = _wait_gone(token, 15)
-    _signal(pids, signal.SIGKILL)
-    return [f"{p}: {_cmdline(p)}" for p in _wait_gone(token, 10)]
+    # flwr starts the SuperLink, the SuperLink its SuperExec, each in a new session;
+    # flwr-simulation and Ray stay in SuperExec's session.
+    sids: set[int] = set()
+    for pid in _our_pids(needles, set()):
+        try:
+            sids.add(_stat(pid)[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    sids.discard(os.getsid(0))  # never pytest's own session
+    # SuperLink first: on SIGTERM it shuts down its SuperExec and the run itself.
+    superlinks = [p for p in _our_pids(needles, sids) if "flower-superlink" in _cmdline(p)]
+    _signal(superlinks, signal.SIGTERM)
+    left = _wait_gone(needles, sids, 15)
+    _signal(left, signal.SIGTERM)  # whatever is left: SuperExec, flwr-simulation, Ray
+    left = _wait_gone(needles, sids, 10)
+    _signal(left, signal.SIGKILL)  # Ray's agents catch SIGTERM and may not exit
+    return [f"{p}: {_cmdline(p)}" for p in _wait_gone(needles, sids, 10)]
 
 
 def _tail(path: Path, n: int = 60) -> str:
@@ -114,6 +132,7 @@ def test_flwr_run_local_writes_the_run_directory(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     cli_log = tmp_path / "flwr-run.log"
     token = uuid.uuid4().hex
+    needles = {f"{MARKER}={token}".encode(), f"FLWR_HOME={flwr_home}".encode()}
     env = {
         **os.environ,
         "FLWR_HOME": str(flwr_home),
@@ -131,9 +150,12 @@ def test_flwr_run_local_writes_the_run_directory(tmp_path: Path) -> None:
     cmd = [
         str(FLWR), "run", ".", "local", "--stream",
         "--federation-config", f"num-supernodes={CLIENTS} client-resources-num-cpus=1",
+        # One --run-config string: flwr 1.42 merges repeated --run-config options
+        # with a shallow dict.update, so `-c 'fedpriv.a=1' -c 'fedpriv.b=2'` loses
+        # fedpriv.a (both live in the table `fedpriv`).
         "--run-config",
-        f'fedpriv.overrides="train.rounds={ROUNDS} simulation.num_clients={CLIENTS}"',
-        "--run-config", f'fedpriv.run-dir="{run_dir}"',
+        f'fedpriv.overrides="train.rounds={ROUNDS} simulation.num_clients={CLIENTS}" '
+        f'fedpriv.run-dir="{run_dir}"',
     ]
     summary_path = run_dir / "summary.json"
     cli: subprocess.Popen[bytes] | None = None
@@ -184,5 +206,5 @@ def test_flwr_run_local_writes_the_run_directory(tmp_path: Path) -> None:
         # The FAB was installed under the tmp FLWR_HOME, not ~/.flwr.
         assert any((flwr_home / "apps").iterdir())
     finally:
-        survivors = _stop_everything(cli, token)
+        survivors = _stop_everything(cli, needles)
     assert not survivors, f"processes left running: {survivors}"

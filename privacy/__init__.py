@@ -3,8 +3,15 @@
 from privacy.accounting import (
     Release,
     calibrate_noise_multiplier,
+    compress,
     epsilon,
     planned_poisson_schedule,
 )
 
-__all__ = ["Release", "calibrate_noise_multiplier", "epsilon", "planned_poisson_schedule"]
+__all__ = [
+    "Release",
+    "calibrate_noise_multiplier",
+    "compress",
+    "epsilon",
+    "planned_poisson_schedule",
+]

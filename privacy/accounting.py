@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 
 __all__ = [
     "Release",
+    "compress",
     "planned_poisson_schedule",
     "calibrate_noise_multiplier",
     "epsilon",
@@ -86,6 +87,19 @@ def calibrate_noise_multiplier(
     )
 
 
+def compress(history: Iterable[Sequence[float]]) -> list[Release]:
+    """Merge releases with the same (σ, q) by adding their steps.
+
+    Exact for RDP, PRV and PLD alike: composition depends only on how many
+    steps ran at each (σ, q), not on their order.
+    """
+    steps: dict[tuple[float, float], int] = {}
+    for sigma, q, n in history:
+        key = (float(sigma), float(q))
+        steps[key] = steps.get(key, 0) + int(n)
+    return [(sigma, q, n) for (sigma, q), n in steps.items()]
+
+
 def epsilon(*, history: Iterable[Sequence[float]], delta: float, accountant: str = "rdp") -> float:
     """Cumulative ε at ``delta`` of a whole history (0.0 for an empty one).
 
@@ -95,7 +109,7 @@ def epsilon(*, history: Iterable[Sequence[float]], delta: float, accountant: str
     from opacus.accountants import create_accountant
 
     acc = create_accountant(mechanism=accountant)
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    acc.history = compress(history)
     if not acc.history:
         return 0.0
     return float(acc.get_epsilon(delta=delta))

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader, TensorDataset
 
-from privacy import calibrate_noise_multiplier, epsilon, planned_poisson_schedule
+from privacy import calibrate_noise_multiplier, compress, epsilon, planned_poisson_schedule
 
 
 def pld_epsilon(history, delta):
@@ -75,3 +75,12 @@ def test_calibration_refuses_unreachable_budget_quickly():
     # RDP's conversion cannot go below ~0.1 at delta=1e-5, whatever the noise.
     with pytest.raises(ValueError, match="target_epsilon=0.01: unreachable"):
         calibrate_noise_multiplier(target_epsilon=0.01, delta=1e-5, sample_rate=0.5, steps=100)
+
+
+def test_compressed_history_has_the_same_epsilon():
+    history = [(1.1, 0.2, 5), (0.9, 0.1, 7), (1.1, 0.2, 5), (1.1, 0.2, 3)]
+    assert sorted(compress(history)) == [(0.9, 0.1, 7), (1.1, 0.2, 13)]
+    # Independent check: dp-accounting on the uncompressed list of releases.
+    assert epsilon(history=history, delta=1e-5) >= pld_epsilon(history, 1e-5)
+    acc_each = epsilon(history=[(1.1, 0.2, 13), (0.9, 0.1, 7)], delta=1e-5)
+    assert epsilon(history=history, delta=1e-5) == pytest.approx(acc_each)

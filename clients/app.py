@@ -4,7 +4,8 @@ Each round the server sends the global model and a ``ConfigRecord`` holding
 the flattened :class:`~clients.config.ClientTask` plus ``server-round`` and
 ``lr``. The client trains with DP-SGD on its own partition and replies with a
 plain state dict and its metrics. Its privacy state (σ, calibrated once, and
-the accountant history) lives in ``context.state`` across rounds.
+the accountant history) lives in ``context.state`` across rounds, and in the
+node config's ``state-dir`` on disk when one is given (``clients.state``).
 """
 
 from __future__ import annotations
@@ -15,19 +16,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.config import ClientTask, ConfigError, from_flat
 from clients.data import ArrayData, client_partition
 from clients.models import build_model
-from clients.records import array_record, config_record, integer, number, numbers
+from clients.records import array_record, config_record, integer, number
+from clients.state import PrivacyState, load_state, save_state
 from clients.train import dp_train_round, pick_device, predict
-from privacy import Release, calibrate_noise_multiplier, planned_poisson_schedule
+from privacy import calibrate_noise_multiplier, planned_poisson_schedule
 
 __all__ = ["app", "ClientFailure", "derive_seed"]
-
-STATE_KEY = "fedpriv.privacy"
 
 app = ClientApp()
 
@@ -76,13 +76,11 @@ def _model(task: ClientTask, data: ArrayData, arrays: ArrayRecord) -> torch.nn.M
     return model
 
 
-def _privacy_state(context: Context, task: ClientTask, n: int) -> tuple[float, list[Release]]:
-    """σ and history; σ is calibrated on first use for the whole planned schedule."""
-    if STATE_KEY in context.state:
-        rec = config_record(context.state, STATE_KEY)
-        history = zip(numbers(rec, "sigma_hist"), numbers(rec, "q_hist"),
-                      numbers(rec, "steps_hist"), strict=True)
-        return number(rec, "noise_multiplier"), [(s, q, int(k)) for s, q, k in history]
+def _privacy_state(context: Context, task: ClientTask, n: int) -> PrivacyState:
+    """The client's state; σ is calibrated on first use for the whole planned schedule."""
+    known = load_state(context)
+    if known is not None:
+        return known
     tc = task.train
     q, _, total = planned_poisson_schedule(
         num_samples=n, batch_size=tc.batch_size, local_epochs=tc.local_epochs, rounds=tc.rounds
@@ -91,16 +89,7 @@ def _privacy_state(context: Context, task: ClientTask, n: int) -> tuple[float, l
         target_epsilon=task.privacy.target_epsilon, delta=task.privacy.delta,
         sample_rate=q, steps=total, accountant=task.privacy.accountant,
     )
-    return sigma, []
-
-
-def _save_privacy_state(context: Context, sigma: float, history: list[Release]) -> None:
-    context.state[STATE_KEY] = ConfigRecord({
-        "noise_multiplier": sigma,
-        "sigma_hist": [float(s) for s, _, _ in history],
-        "q_hist": [float(q) for _, q, _ in history],
-        "steps_hist": [int(k) for _, _, k in history],
-    })
+    return PrivacyState(sigma)
 
 
 @app.train()
@@ -117,15 +106,16 @@ def train(msg: Message, context: Context) -> Message:
             )
         pid, train_data, _, device = _load(task, context)
         model = _model(task, train_data, array_record(msg.content))
-        sigma, history = _privacy_state(context, task, len(train_data))
+        state = _privacy_state(context, task, len(train_data))
+        sigma = state.noise_multiplier
         torch.set_num_threads(max(1, integer(config, "num-threads")))
         result = dp_train_round(
             model, train_data, task,
-            lr=number(config, "lr"), noise_multiplier=sigma, history=history,
+            lr=number(config, "lr"), noise_multiplier=sigma, history=state.history,
             seed=derive_seed(task.train.seed, server_round, pid), device=device,
         )
         # Persist the spend before the update leaves this function.
-        _save_privacy_state(context, sigma, result.history)
+        save_state(context, PrivacyState(sigma, result.history))
         metrics = MetricRecord({
             "num-examples": len(train_data),
             "client": pid,

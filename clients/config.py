@@ -122,6 +122,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 0.5
     momentum: float = 0.0
+    weight_decay: float = 0.0
     lr_schedule: str = "constant"
     lr_gamma: float = 0.5
     lr_step_rounds: int = 5
@@ -134,6 +135,7 @@ class TrainConfig:
             _require(value >= 1, f"train.{key}", value, "must be >= 1")
         _require(self.lr > 0, "train.lr", self.lr, "must be > 0")
         _require(0 <= self.momentum < 1, "train.momentum", self.momentum, "must be in [0, 1)")
+        _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
         _require(self.lr_schedule in LR_SCHEDULES, "train.lr_schedule", self.lr_schedule,
                  f"choose one of {list(LR_SCHEDULES)}")
         _require(0 < self.lr_gamma <= 1, "train.lr_gamma", self.lr_gamma, "must be in (0, 1]")

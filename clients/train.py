@@ -44,6 +44,33 @@ def _tensors(data: ArrayData) -> TensorDataset:
     return TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y))
 
 
+def _make_private(model: nn.Module, data: ArrayData, task: ClientTask, *, lr: float,
+                  noise_multiplier: float, history: list[Release], seed: int) -> tuple:
+    """Opacus' engine with its accountant loaded with the whole history."""
+    from opacus import PrivacyEngine
+
+    pcfg, tcfg = task.privacy, task.train
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(_tensors(data), batch_size=tcfg.batch_size, generator=generator)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=tcfg.momentum,
+                                weight_decay=tcfg.weight_decay)
+    criterion = nn.CrossEntropyLoss()
+    # Opacus warns that secure_mode is off; the run records the generator used.
+    warnings.filterwarnings("ignore", message="Secure RNG turned off")
+    engine = PrivacyEngine(accountant=pcfg.accountant)
+    engine.accountant.history = list(history)
+    private = engine.make_private(
+        module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
+        noise_multiplier=noise_multiplier, max_grad_norm=pcfg.max_grad_norm,
+        poisson_sampling=True, grad_sample_mode=pcfg.grad_sample_mode,
+    )
+    if pcfg.grad_sample_mode == "ghost":
+        dp_model, dp_opt, dp_crit, dp_loader = private
+    else:
+        (dp_model, dp_opt, dp_loader), dp_crit = private, criterion
+    return engine, dp_model, dp_opt, dp_crit, dp_loader
+
+
 def dp_train_round(
     model: nn.Module,
     data: ArrayData,
@@ -61,63 +88,35 @@ def dp_train_round(
     clipping to ``max_grad_norm`` and Gaussian noise of std
     ``noise_multiplier * max_grad_norm`` (Abadi et al. 2016).
     """
-    from opacus import PrivacyEngine
-
-    pcfg, tcfg = task.privacy, task.train
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(_tensors(data), batch_size=tcfg.batch_size, generator=generator)
+    torch.manual_seed(seed)  # Opacus draws its noise from torch's default generator
     model.to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=tcfg.momentum)
-    criterion = nn.CrossEntropyLoss()
-
-    steps_before = sum(s for _, _, s in history)
-    with warnings.catch_warnings():
-        # Opacus warns that secure_mode is off; the run records the generator used.
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        engine = PrivacyEngine(accountant=pcfg.accountant)
-        engine.accountant.history = list(history)
-        private = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            criterion=criterion,
-            data_loader=loader,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=pcfg.max_grad_norm,
-            poisson_sampling=True,
-            grad_sample_mode=pcfg.grad_sample_mode,
-        )
-    if pcfg.grad_sample_mode == "ghost":
-        dp_model, dp_opt, dp_crit, dp_loader = private
-    else:
-        dp_model, dp_opt, dp_loader = private
-        dp_crit = criterion
-
     losses: list[float] = []
-    # Opacus' hooks fire on the first layer although the input needs no grad.
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    for _ in range(tcfg.local_epochs):
-        for xb, yb in dp_loader:
-            xb, yb = xb.to(device), yb.to(device)
-            dp_opt.zero_grad(set_to_none=True)
-            out = dp_model(xb)
-            # An empty Poisson batch still costs a step: noise only.
-            loss = dp_crit(out, yb) if len(yb) else out.sum() * 0.0
-            loss.backward()
-            dp_opt.step()
-            if len(yb):
-                losses.append(float(loss.detach()))
-
+    with warnings.catch_warnings():
+        # Opacus' hooks fire on the first layer although the input needs no grad.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        engine, dp_model, dp_opt, dp_crit, dp_loader = _make_private(
+            model, data, task, lr=lr, noise_multiplier=noise_multiplier, history=history,
+            seed=seed)
+        for _ in range(task.train.local_epochs):
+            for xb, yb in dp_loader:
+                xb, yb = xb.to(device), yb.to(device)
+                dp_opt.zero_grad(set_to_none=True)
+                out = dp_model(xb)
+                # An empty Poisson batch still costs a step: noise only.
+                loss = dp_crit(out, yb) if len(yb) else out.sum() * 0.0
+                loss.backward()
+                dp_opt.step()
+                if len(yb):
+                    losses.append(float(loss.detach()))
     # Detach Opacus' hooks and per-sample buffers: `model` is a plain module again.
     dp_model._close()
     new_history = [(float(s), float(q), int(n)) for s, q, n in engine.accountant.history]
-    steps = sum(n for _, _, n in new_history) - steps_before
     return RoundResult(
         history=new_history,
-        steps=steps,
+        steps=sum(n for _, _, n in new_history) - sum(n for _, _, n in history),
         sample_rate=float(dp_loader.sample_rate),
         train_loss=float(np.mean(losses)) if losses else float("nan"),
-        epsilon=float(engine.accountant.get_epsilon(delta=pcfg.delta)),
+        epsilon=float(engine.accountant.get_epsilon(delta=task.privacy.delta)),
     )
 
 

@@ -162,7 +162,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
                 ev = _send(grid, strategy.configure_evaluate(rnd, arrays, eval_config, grid),
                            s.round_timeout, f"evaluation round {rnd}")
                 agg = strategy.aggregate_evaluate(rnd, ev)
-                fed_eval = dict(agg) if agg is not None else None
+                # The weighted mean of client ids is meaningless: drop it.
+                fed_eval = {k: v for k, v in agg.items() if k != "client"} if agg else None
             smoothed = _ema(smoothed, arrays.to_torch_state_dict(), s.ema)
             central = _central(model, smoothed, test, device)
             eps_max = tally.epsilon_max(cfg.privacy.delta, cfg.privacy.accountant)

@@ -26,6 +26,7 @@ __all__ = [
     "build",
     "flatten",
     "from_flat",
+    "require",
 ]
 
 T = TypeVar("T")
@@ -41,7 +42,8 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key and value."""
 
 
-def _require(ok: bool, key: str, value: Any, why: str) -> None:
+def require(ok: bool, key: str, value: Any, why: str) -> None:
+    """Raise :class:`ConfigError` naming ``key`` and ``value`` unless ``ok``."""
     if not ok:
         raise ConfigError(f"{key}={value!r}: {why}")
 
@@ -69,16 +71,16 @@ class DatasetConfig:
     min_partition_size: int = 10
 
     def __post_init__(self) -> None:
-        _require(self.name in BUNDLED_DATASETS, "dataset.name", self.name,
+        require(self.name in BUNDLED_DATASETS, "dataset.name", self.name,
                  f"unknown data set; choose one of {list(BUNDLED_DATASETS)}")
-        _require(0.0 < self.test_fraction < 1.0, "dataset.test_fraction",
+        require(0.0 < self.test_fraction < 1.0, "dataset.test_fraction",
                  self.test_fraction, "must be in (0, 1)")
-        _require(0.0 <= self.val_fraction < 1.0, "dataset.val_fraction",
+        require(0.0 <= self.val_fraction < 1.0, "dataset.val_fraction",
                  self.val_fraction, "must be in [0, 1)")
-        _require(self.partitioner in PARTITIONERS, "dataset.partitioner", self.partitioner,
+        require(self.partitioner in PARTITIONERS, "dataset.partitioner", self.partitioner,
                  f"unknown partitioner; choose one of {list(PARTITIONERS)}")
-        _require(self.alpha > 0, "dataset.alpha", self.alpha, "must be > 0")
-        _require(self.min_partition_size >= 1, "dataset.min_partition_size",
+        require(self.alpha > 0, "dataset.alpha", self.alpha, "must be > 0")
+        require(self.min_partition_size >= 1, "dataset.min_partition_size",
                  self.min_partition_size, "must be >= 1")
 
 
@@ -97,14 +99,14 @@ class ModelConfig:
     def __post_init__(self) -> None:
         from clients.models import MODELS  # the registry is the list of valid names
 
-        _require(self.name in MODELS, "model.name", self.name,
+        require(self.name in MODELS, "model.name", self.name,
                  f"unknown model; choose one of {sorted(MODELS)}")
         for key in ("hidden", "channels", "groups", "dim", "heads", "layers"):
             value = getattr(self, key)
-            _require(value >= 1, f"model.{key}", value, "must be >= 1")
-        _require(self.channels % self.groups == 0, "model.groups", self.groups,
+            require(value >= 1, f"model.{key}", value, "must be >= 1")
+        require(self.channels % self.groups == 0, "model.groups", self.groups,
                  f"must divide model.channels={self.channels}")
-        _require(self.dim % self.heads == 0, "model.heads", self.heads,
+        require(self.dim % self.heads == 0, "model.heads", self.heads,
                  f"must divide model.dim={self.dim}")
 
 
@@ -132,14 +134,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for key in ("rounds", "local_epochs", "batch_size", "lr_step_rounds"):
             value = getattr(self, key)
-            _require(value >= 1, f"train.{key}", value, "must be >= 1")
-        _require(self.lr > 0, "train.lr", self.lr, "must be > 0")
-        _require(0 <= self.momentum < 1, "train.momentum", self.momentum, "must be in [0, 1)")
-        _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
-        _require(self.lr_schedule in LR_SCHEDULES, "train.lr_schedule", self.lr_schedule,
+            require(value >= 1, f"train.{key}", value, "must be >= 1")
+        require(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        require(0 <= self.momentum < 1, "train.momentum", self.momentum, "must be in [0, 1)")
+        require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+        require(self.lr_schedule in LR_SCHEDULES, "train.lr_schedule", self.lr_schedule,
                  f"choose one of {list(LR_SCHEDULES)}")
-        _require(0 < self.lr_gamma <= 1, "train.lr_gamma", self.lr_gamma, "must be in (0, 1]")
-        _require(0 <= self.lr_min <= self.lr, "train.lr_min", self.lr_min,
+        require(0 < self.lr_gamma <= 1, "train.lr_gamma", self.lr_gamma, "must be in (0, 1]")
+        require(0 <= self.lr_min <= self.lr, "train.lr_min", self.lr_min,
                  f"must be in [0, train.lr={self.lr}]")
 
 
@@ -159,14 +161,14 @@ class PrivacyConfig:
     grad_sample_mode: str = "hooks"
 
     def __post_init__(self) -> None:
-        _require(self.target_epsilon > 0, "privacy.target_epsilon", self.target_epsilon,
+        require(self.target_epsilon > 0, "privacy.target_epsilon", self.target_epsilon,
                  "must be > 0")
-        _require(0 < self.delta < 1, "privacy.delta", self.delta, "must be in (0, 1)")
-        _require(self.max_grad_norm > 0, "privacy.max_grad_norm", self.max_grad_norm,
+        require(0 < self.delta < 1, "privacy.delta", self.delta, "must be in (0, 1)")
+        require(self.max_grad_norm > 0, "privacy.max_grad_norm", self.max_grad_norm,
                  "must be > 0")
-        _require(self.accountant in ACCOUNTANTS, "privacy.accountant", self.accountant,
+        require(self.accountant in ACCOUNTANTS, "privacy.accountant", self.accountant,
                  f"choose one of {list(ACCOUNTANTS)}")
-        _require(self.grad_sample_mode in GRAD_SAMPLE_MODES, "privacy.grad_sample_mode",
+        require(self.grad_sample_mode in GRAD_SAMPLE_MODES, "privacy.grad_sample_mode",
                  self.grad_sample_mode, f"choose one of {list(GRAD_SAMPLE_MODES)}")
 
 
@@ -190,10 +192,10 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
     if tp is Any:
         return value
     if origin in (dict, Mapping) or tp is dict:
-        _require(isinstance(value, Mapping), key, value, "must be a mapping")
+        require(isinstance(value, Mapping), key, value, "must be a mapping")
         return dict(value)
     if origin in (list, tuple):
-        _require(isinstance(value, (list, tuple)), key, value, "must be a list")
+        require(isinstance(value, (list, tuple)), key, value, "must be a list")
         return tuple(value)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -202,19 +204,19 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         return _check_type(key, value, args[0])
     if tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        _require(ok, key, value, "must be a number")
+        require(ok, key, value, "must be a number")
         return float(value)
     if tp is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        _require(ok, key, value, "must be an integer")
+        require(ok, key, value, "must be an integer")
         return value
     if tp is bool:
-        _require(isinstance(value, bool), key, value, "must be true or false")
+        require(isinstance(value, bool), key, value, "must be true or false")
         return value
     if tp is str:
-        _require(isinstance(value, str), key, value, "must be a string")
+        require(isinstance(value, str), key, value, "must be a string")
         return value
     return value
 

@@ -13,22 +13,17 @@ from typing import Any
 
 from clients.config import (
     ClientTask,
-    ConfigError,
     DatasetConfig,
     ModelConfig,
     PrivacyConfig,
     TrainConfig,
     build,
+    require,
 )
 
 __all__ = ["StrategyConfig", "SimulationConfig", "OutputConfig", "RunConfig", "load_run_config"]
 
 STRATEGIES = ("fedavg",)
-
-
-def _require(ok: bool, key: str, value: Any, why: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r}: {why}")
 
 
 @dataclass(frozen=True)
@@ -50,18 +45,18 @@ class StrategyConfig:
     ema: float = 0.0
 
     def __post_init__(self) -> None:
-        _require(0 <= self.ema < 1, "strategy.ema", self.ema, "must be in [0, 1)")
-        _require(self.name in STRATEGIES, "strategy.name", self.name,
+        require(0 <= self.ema < 1, "strategy.ema", self.ema, "must be in [0, 1)")
+        require(self.name in STRATEGIES, "strategy.name", self.name,
                  f"unknown strategy; choose one of {list(STRATEGIES)}")
-        _require(0 < self.fraction_train <= 1, "strategy.fraction_train", self.fraction_train,
+        require(0 < self.fraction_train <= 1, "strategy.fraction_train", self.fraction_train,
                  "must be in (0, 1]")
-        _require(0 <= self.fraction_evaluate <= 1, "strategy.fraction_evaluate",
+        require(0 <= self.fraction_evaluate <= 1, "strategy.fraction_evaluate",
                  self.fraction_evaluate, "must be in [0, 1]")
-        _require(self.min_train_clients >= 1, "strategy.min_train_clients",
+        require(self.min_train_clients >= 1, "strategy.min_train_clients",
                  self.min_train_clients, "must be >= 1")
-        _require(self.min_evaluate_clients >= 0, "strategy.min_evaluate_clients",
+        require(self.min_evaluate_clients >= 0, "strategy.min_evaluate_clients",
                  self.min_evaluate_clients, "must be >= 0")
-        _require(self.round_timeout > 0, "strategy.round_timeout", self.round_timeout,
+        require(self.round_timeout > 0, "strategy.round_timeout", self.round_timeout,
                  "must be > 0 seconds")
 
 
@@ -80,12 +75,12 @@ class SimulationConfig:
     init_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _require(self.num_clients >= 1, "simulation.num_clients", self.num_clients,
+        require(self.num_clients >= 1, "simulation.num_clients", self.num_clients,
                  "must be >= 1")
-        _require(self.backend == "ray", "simulation.backend", self.backend,
+        require(self.backend == "ray", "simulation.backend", self.backend,
                  "only 'ray' is supported")
-        _require(self.num_cpus > 0, "simulation.num_cpus", self.num_cpus, "must be > 0")
-        _require(self.num_gpus >= 0, "simulation.num_gpus", self.num_gpus, "must be >= 0")
+        require(self.num_cpus > 0, "simulation.num_cpus", self.num_cpus, "must be > 0")
+        require(self.num_gpus >= 0, "simulation.num_gpus", self.num_gpus, "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -109,9 +104,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         n = self.simulation.num_clients
         s = self.strategy
-        _require(s.min_train_clients <= n, "strategy.min_train_clients", s.min_train_clients,
+        require(s.min_train_clients <= n, "strategy.min_train_clients", s.min_train_clients,
                  f"more clients sampled per round than exist (simulation.num_clients={n})")
-        _require(s.min_evaluate_clients <= n, "strategy.min_evaluate_clients",
+        require(s.min_evaluate_clients <= n, "strategy.min_evaluate_clients",
                  s.min_evaluate_clients,
                  f"more clients sampled per round than exist (simulation.num_clients={n})")
 

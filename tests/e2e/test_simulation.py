@@ -53,7 +53,7 @@ def test_run_directory_contract(run_dir):
     assert any((path / "tensorboard").iterdir())
     log_text = (path / "fedpriv.log").read_text()
     assert "Registered 3 nodes" in log_text  # Flower's own log went to the file
-    assert "fedpriv: round 2" in log_text
+    assert "round 2: central" in log_text  # and fedpriv's own per-round record
 
     rounds = [json.loads(ln) for ln in (path / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]

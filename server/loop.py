@@ -157,7 +157,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
                 raise ClientFailedError(f"round {rnd}: no client update to aggregate")
             arrays = new_arrays
             fed_eval = None
-            if s.fraction_evaluate > 0:
+            if s.fraction_evaluate > 0 and cfg.dataset.val_fraction > 0:
                 eval_config = ConfigRecord(dict(task))
                 ev = _send(grid, strategy.configure_evaluate(rnd, arrays, eval_config, grid),
                            s.round_timeout, f"evaluation round {rnd}")

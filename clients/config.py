@@ -157,7 +157,7 @@ class PrivacyConfig:
     target_epsilon: float = 3.0
     delta: float = 1e-5
     max_grad_norm: float = 1.0
-    accountant: str = "rdp"
+    accountant: str = "prv"
     grad_sample_mode: str = "hooks"
 
     def __post_init__(self) -> None:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from clients.config import ClientTask
 from clients.data import ArrayData
-from privacy import Release
+from privacy import Release, epsilon
 
 __all__ = ["RoundResult", "dp_train_round", "predict", "pick_device"]
 
@@ -116,7 +116,8 @@ def dp_train_round(
         steps=sum(n for _, _, n in new_history) - sum(n for _, _, n in history),
         sample_rate=float(dp_loader.sample_rate),
         train_loss=float(np.mean(losses)) if losses else float("nan"),
-        epsilon=float(engine.accountant.get_epsilon(delta=task.privacy.delta)),
+        epsilon=epsilon(history=new_history, delta=task.privacy.delta,
+                        accountant=task.privacy.accountant),
     )
 
 

@@ -8,6 +8,7 @@ site) and asks for ε from the whole of it, so every ε is cumulative.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 __all__ = [
@@ -112,4 +113,6 @@ def epsilon(*, history: Iterable[Sequence[float]], delta: float, accountant: str
     acc.history = compress(history)
     if not acc.history:
         return 0.0
+    if any(sigma <= 0 and q > 0 and n > 0 for sigma, q, n in acc.history):
+        return math.inf  # a noiseless release has no privacy guarantee at all
     return float(acc.get_epsilon(delta=delta))

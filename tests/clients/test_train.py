@@ -86,7 +86,8 @@ def test_history_accumulates_and_epsilon_is_cumulative():
         assert res.steps == per_round and res.sample_rate == pytest.approx(q)
         eps.append(res.epsilon)
     assert eps == sorted(eps) and eps[0] < eps[-1]
-    expected = epsilon(history=[(1.2, q, 3 * per_round)], delta=task.privacy.delta)
+    expected = epsilon(history=[(1.2, q, 3 * per_round)], delta=task.privacy.delta,
+                       accountant=task.privacy.accountant)
     assert eps[-1] == pytest.approx(expected, rel=1e-9)
 
 

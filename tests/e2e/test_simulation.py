@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from privacy import epsilon as rdp_epsilon
+from privacy import epsilon as opacus_epsilon
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +69,7 @@ def test_run_directory_contract(run_dir):
     summary = json.loads((path / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["num_clients"] == 3
     assert 0.0 <= summary["accuracy"] <= 1.0
-    assert summary["delta"] == 1e-5 and summary["accountant"] == "opacus-rdp"
+    assert summary["delta"] == 1e-5 and summary["accountant"] == "opacus-prv"  # the default
     last_eps = max(c["epsilon"] for c in rounds[-1]["clients"])
     assert summary["epsilon_sample_level_max"] >= last_eps > 0
     assert summary["epsilon_sample_level_max"] <= 3.0
@@ -94,8 +94,11 @@ def test_epsilon_is_cumulative_and_not_under_reported(run_dir):
                                                  c["steps"]))
             independent = pld_epsilon(releases[cid], 1e-5)
             assert c["epsilon"] >= independent - 1e-9
-            # ... and is the RDP value of the same releases, not a loose stand-in.
-            assert c["epsilon"] == pytest.approx(rdp_epsilon(history=releases[cid], delta=1e-5))
+            # ... and is the PRV value of the same releases (the default accountant) ...
+            prv = opacus_epsilon(history=releases[cid], delta=1e-5, accountant="prv")
+            assert c["epsilon"] == pytest.approx(prv, rel=1e-6)
+            # ... which RDP, the looser bound, never undercuts.
+            assert c["epsilon"] <= opacus_epsilon(history=releases[cid], delta=1e-5) + 1e-9
 
 
 def test_a_raising_client_fails_the_run_fast(tmp_path):

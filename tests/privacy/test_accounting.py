@@ -84,3 +84,8 @@ def test_compressed_history_has_the_same_epsilon():
     assert epsilon(history=history, delta=1e-5) >= pld_epsilon(history, 1e-5)
     acc_each = epsilon(history=[(1.1, 0.2, 13), (0.9, 0.1, 7)], delta=1e-5)
     assert epsilon(history=history, delta=1e-5) == pytest.approx(acc_each)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_noiseless_release_has_infinite_epsilon(accountant):
+    assert epsilon(history=[(0.0, 0.5, 3)], delta=1e-5, accountant=accountant) == math.inf

@@ -63,13 +63,15 @@ class _PrivacyTally:
             (float(c["noise_multiplier"]), float(c["sample_rate"]), int(c["steps"]))
         )
 
+    def per_client(self, delta: float, accountant: str) -> dict[int, float]:
+        """Each client's cumulative ε: the larger of what it reported and the recomputation."""
+        return {cid: max(self.reported[cid],
+                         epsilon(history=hist, delta=delta, accountant=accountant))
+                for cid, hist in sorted(self.releases.items())}
+
     def epsilon_max(self, delta: float, accountant: str) -> float:
-        """Largest cumulative ε of any client: the larger of reported and recomputed."""
-        worst = 0.0
-        for cid, hist in self.releases.items():
-            recomputed = epsilon(history=hist, delta=delta, accountant=accountant)
-            worst = max(worst, recomputed, self.reported[cid])
-        return worst
+        """Largest cumulative ε of any client."""
+        return max(self.per_client(delta, accountant).values(), default=0.0)
 
 
 def _send(grid: Grid, messages: Iterable[Message], timeout: float, what: str) -> list[Message]:
@@ -177,7 +179,15 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
                      {k: v for k, v in central.items() if k != "confusion_matrix"}, eps_max)
             reporter.round_done(record, eps_max)
     run_dir.save_model(smoothed if smoothed is not None else arrays.to_torch_state_dict())
-    summary = {
+    summary = _summary(cfg, central, tally, time.perf_counter() - t0)
+    run_dir.write_summary(summary)
+    return summary
+
+
+def _summary(cfg: RunConfig, central: dict[str, Any], tally: _PrivacyTally,
+             wall_seconds: float) -> dict[str, Any]:
+    per_client = tally.per_client(cfg.privacy.delta, cfg.privacy.accountant)
+    return {
         "rounds": cfg.train.rounds,
         "num_clients": cfg.simulation.num_clients,
         "dataset": cfg.dataset.name,
@@ -187,13 +197,11 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
         "roc_auc_ovr": central["roc_auc_ovr"],
         "delta": cfg.privacy.delta,
         "target_epsilon": cfg.privacy.target_epsilon,
-        "epsilon_sample_level_max": eps_max,
-        "epsilon_per_client": {str(k): v for k, v in sorted(tally.reported.items())},
+        "epsilon_sample_level_max": max(per_client.values(), default=0.0),
+        "epsilon_per_client": {str(k): v for k, v in per_client.items()},
         "accountant": f"opacus-{cfg.privacy.accountant}",
         "sampling": "poisson",
         "noise_generator": "torch default PRNG, seeded per (seed, round, client); "
                            "not cryptographically secure",
-        "wall_seconds": time.perf_counter() - t0,
+        "wall_seconds": wall_seconds,
     }
-    run_dir.write_summary(summary)
-    return summary

@@ -29,6 +29,7 @@ def test_tally_reports_the_larger_of_reported_and_recomputed():
                "steps": 50})
     expected = epsilon(history=[(1.0, 0.1, 100)], delta=1e-5)
     assert tally.epsilon_max(1e-5, "rdp") == pytest.approx(expected)
+    assert tally.per_client(1e-5, "rdp")[0] == pytest.approx(expected)
     # A client that over-reports keeps its (larger) claim.
     tally.add({"client": 1, "epsilon": 99.0, "noise_multiplier": 5.0, "sample_rate": 0.1,
                "steps": 1})

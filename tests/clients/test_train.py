@@ -89,6 +89,13 @@ def test_history_accumulates_and_epsilon_is_cumulative():
     expected = epsilon(history=[(1.2, q, 3 * per_round)], delta=task.privacy.delta,
                        accountant=task.privacy.accountant)
     assert eps[-1] == pytest.approx(expected, rel=1e-9)
+    # Independent accountant (dp-accounting PLD) on the same planned releases.
+    import dp_accounting
+
+    pld = dp_accounting.pld.PLDAccountant()
+    pld.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(1.2)),
+                3 * per_round)
+    assert eps[-1] >= pld.get_epsilon(task.privacy.delta)
 
 
 def test_returned_weights_have_plain_keys():

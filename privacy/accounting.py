@@ -1,25 +1,92 @@
 """Pure accounting over histories of Gaussian releases.
 
-A history is a list of ``(noise_multiplier, sample_rate, steps)`` tuples, the
-same shape as an Opacus accountant's ``history``. These functions hold no
-state: whoever owns a history persists it (across rounds, and on disk at a real
-site) and asks for ε from the whole of it, so every ε is cumulative.
+A history is a list of releases: :class:`GaussianRelease` (σ, sampling rate,
+steps, sampling method, neighbouring relation) or, for the common case of
+Poisson-sampled DP-SGD under add/remove-one, plain ``(σ, q, steps)`` tuples
+(the shape of an Opacus accountant's ``history``). These functions hold no
+state: whoever owns a history persists it (the ledger) and asks for ε from the
+whole of it, so every ε is cumulative.
+
+Three independent accountants answer the same question:
+
+| name | analysis | implementation |
+| --- | --- | --- |
+| ``rdp`` | Rényi DP (Mironov 2017), conversion of Balle et al. 2020 | Opacus |
+| ``prv`` | privacy random variables (Gopi, Lee & Wutschitz 2021) | Opacus |
+| ``pld`` | privacy loss distributions, pessimistic discretisation | Google dp-accounting |
+
+Sampling methods: ``poisson`` is amplified by its rate. ``shuffle`` (fixed-size
+batches from a shuffled loader) and ``none`` (the whole data set each step)
+have no Poisson guarantee, so they are accounted as ``q = 1`` per step: an
+over-count, never an under-count.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
+    "ACCOUNTANTS",
+    "GaussianRelease",
     "Release",
+    "UnsupportedAccounting",
     "compress",
+    "epsilon_all",
     "planned_poisson_schedule",
     "calibrate_noise_multiplier",
     "epsilon",
 ]
 
 Release = tuple[float, float, int]
+
+ACCOUNTANTS = ("rdp", "prv", "pld")
+SAMPLING_METHODS = ("poisson", "shuffle", "none")
+RELATIONS = ("add_remove", "replace_one")
+
+
+class UnsupportedAccounting(ValueError):
+    """This accountant cannot analyse a release of this kind."""
+
+
+def _finite_positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}={value!r}: must be a finite number > 0")
+
+
+@dataclass(frozen=True)
+class GaussianRelease:
+    """``steps`` releases of a Gaussian mechanism with noise std σ·(sensitivity).
+
+    ``sample_rate`` is the probability that one record (or one site, for
+    client-level DP) takes part in a step; it is only an amplification when
+    ``sampling == "poisson"``.
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    sampling: str = "poisson"
+    relation: str = "add_remove"
+
+    def __post_init__(self) -> None:
+        _finite_positive("noise_multiplier", self.noise_multiplier)
+        if not (isinstance(self.sample_rate, (int, float)) and math.isfinite(self.sample_rate)
+                and 0 < self.sample_rate <= 1):
+            raise ValueError(f"sample_rate={self.sample_rate!r}: must be in (0, 1]")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps={self.steps!r}: must be an integer >= 1")
+        if self.sampling not in SAMPLING_METHODS:
+            raise ValueError(f"sampling={self.sampling!r}: choose one of {list(SAMPLING_METHODS)}")
+        if self.relation not in RELATIONS:
+            raise ValueError(f"relation={self.relation!r}: choose one of {list(RELATIONS)}")
+
+    @property
+    def accounted_rate(self) -> float:
+        """The rate the accountants use: ``sample_rate`` only under Poisson sampling."""
+        return self.sample_rate if self.sampling == "poisson" else 1.0
 
 MAX_USEFUL_SIGMA = 1e3
 
@@ -88,31 +155,115 @@ def calibrate_noise_multiplier(
     )
 
 
-def compress(history: Iterable[Sequence[float]]) -> list[Release]:
-    """Merge releases with the same (σ, q) by adding their steps.
+def _release(item: GaussianRelease | Sequence[Any]) -> GaussianRelease | None:
+    """A history item as a release; ``None`` for an empty one (no step, or q = 0)."""
+    if isinstance(item, GaussianRelease):
+        return item
+    sigma, q, n = item
+    if int(n) == 0 or float(q) == 0.0:
+        return None
+    if float(sigma) <= 0:
+        raise _Noiseless()
+    return GaussianRelease(float(sigma), float(q), int(n))
+
+
+class _Noiseless(Exception):
+    pass
+
+
+def compress(history: Iterable[GaussianRelease | Sequence[Any]]) -> list[Release]:
+    """Merge releases with the same accounted (σ, q) by adding their steps.
 
     Exact for RDP, PRV and PLD alike: composition depends only on how many
-    steps ran at each (σ, q), not on their order.
+    steps ran at each (σ, q), not on their order. Only add/remove-one
+    releases can be merged into Opacus-shaped tuples.
     """
     steps: dict[tuple[float, float], int] = {}
-    for sigma, q, n in history:
-        key = (float(sigma), float(q))
-        steps[key] = steps.get(key, 0) + int(n)
+    for item in history:
+        if not isinstance(item, GaussianRelease):
+            sigma, q, n = item
+            key = (float(sigma), float(q))
+            steps[key] = steps.get(key, 0) + int(n)
+            continue
+        if item.relation != "add_remove":
+            raise UnsupportedAccounting(
+                f"relation={item.relation!r}: Opacus' accountants analyse add/remove-one only")
+        key = (item.noise_multiplier, item.accounted_rate)
+        steps[key] = steps.get(key, 0) + item.steps
     return [(sigma, q, n) for (sigma, q), n in steps.items()]
 
 
-def epsilon(*, history: Iterable[Sequence[float]], delta: float, accountant: str = "rdp") -> float:
+def _replace_as_add_remove(r: GaussianRelease) -> GaussianRelease:
+    """Replace-one without sampling is add/remove-one at twice the sensitivity."""
+    if r.relation == "add_remove":
+        return r
+    if r.accounted_rate < 1.0:
+        raise UnsupportedAccounting(
+            "relation='replace_one' with Poisson sampling: only the pld accountant "
+            "analyses it")
+    return GaussianRelease(r.noise_multiplier / 2, 1.0, r.steps, r.sampling, "add_remove")
+
+
+def _pld_epsilon(releases: list[GaussianRelease], delta: float) -> float:
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+
+    # One relation for the whole composition. Replace-one is the weaker guarantee,
+    # and dp-accounting applies its factor-2 sensitivity to every event itself, so
+    # an add/remove release enters unchanged.
+    relation = "replace_one" if any(r.relation == "replace_one" for r in releases) \
+        else "add_remove"
+    nr = dp_accounting.NeighboringRelation
+    acc = pld_privacy_accountant.PLDAccountant(
+        neighboring_relation=nr.REPLACE_ONE if relation == "replace_one" else nr.ADD_OR_REMOVE_ONE)
+    merged: dict[tuple[float, float], int] = {}
+    for r in releases:
+        key = (r.noise_multiplier, r.accounted_rate)
+        merged[key] = merged.get(key, 0) + r.steps
+    for (sigma, q), n in merged.items():
+        event = dp_accounting.GaussianDpEvent(sigma)
+        if q < 1.0:
+            event = dp_accounting.PoissonSampledDpEvent(q, event)
+        acc.compose(event, n)
+    return float(acc.get_epsilon(delta))
+
+
+def epsilon(*, history: Iterable[GaussianRelease | Sequence[Any]], delta: float,
+            accountant: str = "rdp") -> float:
     """Cumulative ε at ``delta`` of a whole history (0.0 for an empty one).
 
-    ``rdp``: Mironov 2017 with the conversion of Balle et al. 2020 (Opacus);
-    ``prv``: Gopi, Lee & Wutschitz 2021 (Opacus; an upper bound).
+    ``rdp`` and ``prv`` are Opacus' accountants, ``pld`` is dp-accounting's.
+    A noiseless release (σ = 0) gives ``inf``: it has no guarantee at all.
+    Raises :class:`UnsupportedAccounting` when ``accountant`` cannot analyse
+    the history (Opacus and Poisson-sampled replace-one).
     """
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant={accountant!r}: choose one of {list(ACCOUNTANTS)}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta={delta!r}: must be in (0, 1)")
+    try:
+        releases = [r for r in map(_release, history) if r is not None]
+    except _Noiseless:
+        return math.inf
+    if not releases:
+        return 0.0
+    if accountant == "pld":
+        return _pld_epsilon(releases, delta)
     from opacus.accountants import create_accountant
 
     acc = create_accountant(mechanism=accountant)
-    acc.history = compress(history)
-    if not acc.history:
-        return 0.0
-    if any(sigma <= 0 and q > 0 and n > 0 for sigma, q, n in acc.history):
-        return math.inf  # a noiseless release has no privacy guarantee at all
+    acc.history = compress(_replace_as_add_remove(r) for r in releases)
     return float(acc.get_epsilon(delta=delta))
+
+
+def epsilon_all(*, history: Iterable[GaussianRelease | Sequence[Any]],
+                delta: float) -> dict[str, float | None]:
+    """ε by each of the three accountants (``None`` where one cannot analyse it)."""
+    history = list(history)
+    out: dict[str, float | None] = {}
+    for name in ACCOUNTANTS:
+        try:
+            out[name] = epsilon(history=history, delta=delta, accountant=name)
+        except UnsupportedAccounting:
+            out[name] = None
+    return out

@@ -3,9 +3,10 @@
 Each round the server sends the global model and a ``ConfigRecord`` holding
 the flattened :class:`~clients.config.ClientTask` plus ``server-round`` and
 ``lr``. The client trains with DP-SGD on its own partition and replies with a
-plain state dict and its metrics. Its privacy state (σ, calibrated once, and
-the accountant history) lives in ``context.state`` across rounds, and in the
-node config's ``state-dir`` on disk when one is given (``clients.state``).
+plain state dict, its metrics and the hash of its ledger charge. Its privacy
+state is its own ledger (``clients.state``): σ, calibrated once per run, and
+every release it ever made, which its ε cap bounds. A site whose next round
+would cross its cap declines with a structured ``budget_exhausted`` reply.
 """
 
 from __future__ import annotations
@@ -14,18 +15,28 @@ import hashlib
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.config import ClientTask, ConfigError, from_flat
 from clients.data import ArrayData, client_partition
 from clients.models import build_model
+from clients.noise import describe_noise_generator
 from clients.records import array_record, config_record, integer, number
-from clients.state import PrivacyState, load_state, save_state
+from clients.state import Site, run_history, site_history, site_of
 from clients.train import dp_train_round, pick_device, predict
-from privacy import calibrate_noise_multiplier, planned_poisson_schedule
+from privacy import (
+    GaussianRelease,
+    calibrate_noise_multiplier,
+    compress,
+    epsilon,
+    planned_poisson_schedule,
+)
+from privacy.budget import BudgetCheck, check_budget, effective_cap
+from privacy.ledger import Charge, LedgerRow
 
 __all__ = ["app", "ClientFailure", "derive_seed"]
 
@@ -52,21 +63,10 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def _site(context: Context) -> tuple[int, int, str]:
-    cfg = context.node_config
-    if "partition-id" not in cfg or "num-partitions" not in cfg:
-        raise ConfigError(
-            "node config must set 'partition-id' and 'num-partitions' "
-            f"(got keys {sorted(cfg)})"
-        )
-    return integer(cfg, "partition-id"), integer(cfg, "num-partitions"), str(
-        cfg.get("device", "auto"))
-
-
-def _load(task: ClientTask, context: Context) -> tuple[int, ArrayData, ArrayData, torch.device]:
-    pid, num, device = _site(context)
-    train, val = client_partition(task.dataset, pid, num, task.train.seed)
-    return pid, train, val, pick_device(device)
+def _load(task: ClientTask, site: Site) -> tuple[ArrayData, ArrayData, torch.device]:
+    train, val = client_partition(task.dataset, site.partition_id, site.num_partitions,
+                                  task.train.seed)
+    return train, val, pick_device(site.device)
 
 
 def _model(task: ClientTask, data: ArrayData, arrays: ArrayRecord) -> torch.nn.Module:
@@ -76,25 +76,84 @@ def _model(task: ClientTask, data: ArrayData, arrays: ArrayRecord) -> torch.nn.M
     return model
 
 
-def _privacy_state(context: Context, task: ClientTask, n: int) -> PrivacyState:
-    """The client's state; σ is calibrated on first use for the whole planned schedule."""
-    known = load_state(context)
+def _sigma(task: ClientTask, known: float | None, q: float, total_steps: int) -> float:
+    """This run's σ: read back from its first charge, else calibrated for the whole schedule."""
     if known is not None:
         return known
-    tc = task.train
-    q, _, total = planned_poisson_schedule(
-        num_samples=n, batch_size=tc.batch_size, local_epochs=tc.local_epochs, rounds=tc.rounds
-    )
-    sigma = calibrate_noise_multiplier(
+    return calibrate_noise_multiplier(
         target_epsilon=task.privacy.target_epsilon, delta=task.privacy.delta,
-        sample_rate=q, steps=total, accountant=task.privacy.accountant,
+        sample_rate=q, steps=total_steps, accountant=task.privacy.accountant,
     )
-    return PrivacyState(sigma)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One round's release at a site, checked against its cap and charged."""
+
+    sigma: float
+    planned: GaussianRelease
+    run_history: list[GaussianRelease]
+    lifetime: list[GaussianRelease]
+    cap: float | None
+    epsilon_run: float  # this run's ε at the site after the round (reported)
+    charge: LedgerRow
+
+
+def _decline(msg: Message, site: Site, check: BudgetCheck, binding: str) -> Message:
+    """The structured reply of a site whose budget cannot pay for this round."""
+    metrics = MetricRecord({
+        "client": site.partition_id, "declined": 1, "num-examples": 0,
+        "epsilon-spent": check.spent if check.spent is not None else -1.0,
+        "epsilon-after": check.after,
+        "epsilon-cap": check.cap if check.cap is not None else -1.0,
+    })
+    status = ConfigRecord({"status": "budget_exhausted", "site": site.name,
+                           "binding-cap": binding, "reason": check.explain()})
+    return Message(RecordDict({"metrics": metrics, "status": status}), reply_to=msg)
+
+
+def _plan_and_charge(task: ClientTask, site: Site, run_id: str, server_round: int,
+                     n: int) -> _Plan | tuple[BudgetCheck, str]:
+    """Check the site's cap, then commit this round's charge to its ledger.
+
+    Returns the plan, or ``(check, binding cap)`` when the round would cross a
+    cap (nothing is charged then).
+    """
+    pc, tc = task.privacy, task.train
+    q, per_round, total = planned_poisson_schedule(
+        num_samples=n, batch_size=tc.batch_size, local_epochs=tc.local_epochs,
+        rounds=tc.rounds)
+    site_cap = effective_cap(site.epsilon_cap, pc.site_cap(site.partition_id))
+    cap = effective_cap(site_cap, pc.epsilon_cap)
+    with site.ledger() as ledger:
+        known_sigma, run_hist = run_history(ledger, run_id, site.name)
+        sigma = _sigma(task, known_sigma, q, total)
+        planned = GaussianRelease(sigma, q, per_round)
+        lifetime = site_history(ledger, site.name)
+        check = check_budget(spent=lifetime, planned=[planned], cap=cap, delta=pc.delta,
+                             accountant=pc.accountant)
+        if not check.allowed:
+            global_binds = pc.epsilon_cap is not None and (
+                site_cap is None or pc.epsilon_cap < site_cap)
+            return check, "global" if global_binds else "site"
+        eps_run = check.after if lifetime == run_hist else epsilon(
+            history=[*run_hist, planned], delta=pc.delta, accountant=pc.accountant)
+        row = ledger.append(Charge(
+            run_id=run_id, round=server_round, site=site.name, level="sample",
+            noise_multiplier=sigma, clipping_norm=pc.max_grad_norm, sample_rate=q,
+            steps=per_round, delta=pc.delta, sampling="poisson", relation="add_remove",
+            noise_generator=describe_noise_generator(pc.noise_generator), num_records=n,
+            epsilon_cap=cap, epsilon_reported=eps_run, accountant=pc.accountant))
+    return _Plan(sigma, planned, run_hist, lifetime, cap, eps_run, row)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global model with DP-SGD on this client's data."""
+    """Train the received global model with DP-SGD on this client's data.
+
+    Order matters: check the site's budget, charge its ledger (committed),
+    train, and only then let the update leave (write-ahead charging).
+    """
     with _report_failures(context.node_config.get("partition-id", "?")):
         config = config_record(msg.content)
         task = from_flat(ClientTask, dict(config))
@@ -104,31 +163,65 @@ def train(msg: Message, context: Context) -> Message:
                 f"server-round={server_round}: beyond the {task.train.rounds} rounds "
                 "this client's noise was calibrated for"
             )
-        pid, train_data, _, device = _load(task, context)
+        site = site_of(context, config)
+        train_data, _, device = _load(task, site)
+        pc = task.privacy
+        plan = _plan_and_charge(task, site, str(context.run_id), server_round, len(train_data))
+        if not isinstance(plan, _Plan):
+            return _decline(msg, site, *plan)
+        # Charged and committed: from here a crash over-counts, never under-counts.
         model = _model(task, train_data, array_record(msg.content))
-        state = _privacy_state(context, task, len(train_data))
-        sigma = state.noise_multiplier
         torch.set_num_threads(max(1, integer(config, "num-threads")))
         result = dp_train_round(
             model, train_data, task,
-            lr=number(config, "lr"), noise_multiplier=sigma, history=state.history,
-            seed=derive_seed(task.train.seed, server_round, pid), device=device,
+            lr=number(config, "lr"), noise_multiplier=plan.sigma,
+            history=[(r.noise_multiplier, r.sample_rate, r.steps) for r in plan.run_history],
+            seed=derive_seed(task.train.seed, server_round, site.partition_id), device=device,
+            noise_generator=pc.noise_generator,
         )
-        # Persist the spend before the update leaves this function.
-        save_state(context, PrivacyState(sigma, result.history))
-        metrics = MetricRecord({
-            "num-examples": len(train_data),
-            "client": pid,
-            "train_loss": result.train_loss,
-            "epsilon": result.epsilon,
-            "delta": task.privacy.delta,
-            "noise_multiplier": sigma,
-            "sample_rate": result.sample_rate,
-            "steps": result.steps,
-            "total_steps": sum(k for _, _, k in result.history),
-        })
-        arrays = ArrayRecord(model.to("cpu").state_dict())
-        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+        _check_charged(plan, result.history)
+        return _reply(msg, site, task, plan, len(train_data), result.train_loss,
+                      ArrayRecord(model.to("cpu").state_dict()))
+
+
+def _check_charged(plan: _Plan, history: list[tuple[float, float, int]]) -> None:
+    """Withhold the update unless what Opacus' accountant saw is exactly what was charged."""
+    charged = compress([*plan.run_history, plan.planned])
+    if sorted(compress(history)) != sorted(charged):
+        raise RuntimeError(
+            f"Opacus accounted {compress(history)} but the ledger charged {charged} "
+            "(sigma, q, steps); the update is withheld"
+        )
+
+
+def _reply(msg: Message, site: Site, task: ClientTask, plan: _Plan, n: int, train_loss: float,
+           arrays: ArrayRecord) -> Message:
+    pc = task.privacy
+    next_round = None if plan.cap is None else check_budget(
+        spent=[*plan.lifetime, plan.planned], planned=[plan.planned], cap=plan.cap,
+        delta=pc.delta, accountant=pc.accountant)
+    metrics = MetricRecord({
+        "num-examples": n,
+        "client": site.partition_id,
+        "train_loss": train_loss,
+        "epsilon": plan.epsilon_run,
+        "delta": pc.delta,
+        "noise_multiplier": plan.sigma,
+        "sample_rate": plan.planned.sample_rate,
+        "steps": plan.planned.steps,
+        "total_steps": sum(r.steps for r in plan.run_history) + plan.planned.steps,
+        "max_grad_norm": pc.max_grad_norm,
+        "epsilon-cap": plan.cap if plan.cap is not None else -1.0,
+        "can-afford-next": int(next_round is None or next_round.allowed),
+    })
+    c = plan.charge
+    ledger_info = ConfigRecord({
+        "site": site.name, "hash": c.hash, "seq": c.seq, "run-id": c.charge.run_id,
+        "noise-generator": c.charge.noise_generator, "sampling": c.charge.sampling,
+        "relation": c.charge.relation, "accountant": pc.accountant,
+    })
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics, "ledger": ledger_info}),
+                   reply_to=msg)
 
 
 @app.evaluate()
@@ -136,14 +229,15 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this client's local validation split."""
     with _report_failures(context.node_config.get("partition-id", "?")):
         task = from_flat(ClientTask, dict(config_record(msg.content)))
-        pid, _, val, device = _load(task, context)
+        site = site_of(context, config_record(msg.content))
+        _, val, device = _load(task, site)
         model = _model(task, val, array_record(msg.content))
         probs = predict(model, val, device)
         correct = float((probs.argmax(1) == val.y).sum()) if len(val) else 0.0
         nll = -torch.log(torch.from_numpy(probs[range(len(val)), val.y]).clamp_min(1e-12))
         metrics = MetricRecord({
             "num-examples": len(val),
-            "client": pid,
+            "client": site.partition_id,
             "accuracy": correct / max(1, len(val)),
             "loss": float(nll.mean()) if len(val) else 0.0,
         })

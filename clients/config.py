@@ -10,6 +10,7 @@ dotted key and the offending value.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -35,6 +36,7 @@ BUNDLED_DATASETS = ("digits", "mnist5k")
 PARTITIONERS = ("iid", "dirichlet")
 LR_SCHEDULES = ("constant", "step", "cosine")
 ACCOUNTANTS = ("rdp", "prv")
+NOISE_GENERATORS = ("torch", "secure")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 
 
@@ -147,11 +149,21 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """Sample-level DP-SGD at each client (Opacus).
+    """Sample-level DP-SGD at each client (Opacus), and the caps on what a site spends.
 
     σ is calibrated once per client for the whole planned schedule so that its
     cumulative ε after the last round is at most ``target_epsilon`` at ``delta``
     (Abadi et al. 2016; accountant: Mironov 2017 RDP or Gopi et al. 2021 PRV).
+
+    Caps (ε at ``delta``, with ``accountant``, over every release that touched
+    a site's records): ``site_epsilon_cap`` is one number for every site or a
+    list with one per client (simulation; a deployed site sets ``epsilon-cap``
+    in its node config, and the tighter cap binds); ``epsilon_cap`` is a
+    global cap no site may cross. A site whose next round would cross its cap
+    declines the round instead of training.
+
+    ``noise_generator``: ``torch`` (seeded, reproducible, not cryptographically
+    secure) or ``secure`` (the OS CSPRNG; see :mod:`clients.noise`).
     """
 
     target_epsilon: float = 3.0
@@ -159,6 +171,9 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0
     accountant: str = "prv"
     grad_sample_mode: str = "hooks"
+    site_epsilon_cap: Any = None
+    epsilon_cap: float | None = None
+    noise_generator: str = "torch"
 
     def __post_init__(self) -> None:
         require(self.target_epsilon > 0, "privacy.target_epsilon", self.target_epsilon,
@@ -170,6 +185,33 @@ class PrivacyConfig:
                  f"choose one of {list(ACCOUNTANTS)}")
         require(self.grad_sample_mode in GRAD_SAMPLE_MODES, "privacy.grad_sample_mode",
                  self.grad_sample_mode, f"choose one of {list(GRAD_SAMPLE_MODES)}")
+        require(self.noise_generator in NOISE_GENERATORS, "privacy.noise_generator",
+                 self.noise_generator, f"choose one of {list(NOISE_GENERATORS)}")
+        caps = self.site_epsilon_cap
+        if caps is not None:
+            caps = tuple(caps) if isinstance(caps, (list, tuple)) else (caps,)
+            for c in caps:
+                ok = isinstance(c, (int, float)) and not isinstance(c, bool) and 0 < c < math.inf
+                require(ok, "privacy.site_epsilon_cap", self.site_epsilon_cap,
+                         "must be a number > 0 or a list of them (one per client)")
+            require(len(caps) > 0, "privacy.site_epsilon_cap", self.site_epsilon_cap,
+                    "an empty list caps nothing; leave it unset (null) instead")
+            object.__setattr__(self, "site_epsilon_cap", tuple(float(c) for c in caps))
+        if self.epsilon_cap is not None:
+            require(0 < self.epsilon_cap < math.inf, "privacy.epsilon_cap", self.epsilon_cap,
+                    "must be a finite number > 0")
+
+    def site_cap(self, partition_id: int) -> float | None:
+        """The configured cap of client ``partition_id`` (``None``: uncapped)."""
+        caps = self.site_epsilon_cap
+        if caps is None:
+            return None
+        if len(caps) == 1:
+            return float(caps[0])
+        if not 0 <= partition_id < len(caps):
+            raise ConfigError(f"privacy.site_epsilon_cap={list(caps)}: no entry for client "
+                              f"{partition_id}")
+        return float(caps[partition_id])
 
 
 @dataclass(frozen=True)
@@ -257,6 +299,8 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
             out.update(flatten(value, prefix=f"{key}."))
         elif isinstance(value, (bool, int, float, str)):
             out[key] = value
+        elif isinstance(value, tuple) and all(isinstance(v, float) for v in value):
+            out[key] = list(value)  # a ConfigRecord holds lists of floats
     return out
 
 

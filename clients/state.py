@@ -1,83 +1,87 @@
-"""A client's privacy state: its calibrated σ and its accountant history.
+"""Who and where a site is, and its privacy history (its own ledger).
 
-Kept in Flower's ``context.state`` (which lives across rounds of a run) and,
-when the node config names a ``state-dir`` (a real site), also on disk, so a
-restarted client resumes its spending instead of starting from zero. When
-both exist, the one with more steps wins: over-count, never under-count.
+A site's privacy state is its ledger, ``STATE_DIR/ledger.sqlite``: every
+release it ever made, across rounds, restarts and runs. The σ of a run is read
+back from that run's first charge, so a restarted client keeps the noise it was
+calibrated with. The state folder is the node config's ``state-dir`` (a real
+site); in a simulation the server names one folder per client under the run
+directory (``site-state-root``).
 """
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
 
-from clients.records import config_record, number, numbers
-from privacy import Release
+from clients.config import ConfigError
+from clients.records import integer
+from privacy import GaussianRelease
+from privacy.ledger import Ledger
 
-__all__ = ["PrivacyState", "load_state", "save_state"]
+__all__ = ["Site", "site_of", "run_history", "site_history"]
 
-STATE_KEY = "fedpriv.privacy"
-STATE_FILE = "privacy_state.json"
+STATE_ROOT_KEY = "site-state-root"
 
 
 @dataclass(frozen=True)
-class PrivacyState:
-    noise_multiplier: float
-    history: list[Release] = field(default_factory=list)
+class Site:
+    name: str
+    partition_id: int
+    num_partitions: int
+    state_dir: Path
+    epsilon_cap: float | None  # the site's own cap (node config ``epsilon-cap``)
+    device: str
 
-    @property
-    def total_steps(self) -> int:
-        return sum(n for _, _, n in self.history)
-
-
-def _state_file(context: Context) -> Path | None:
-    folder = context.node_config.get("state-dir")
-    return Path(str(folder)) / STATE_FILE if folder else None
+    def ledger(self) -> Ledger:
+        return Ledger.open(self.state_dir)
 
 
-def _from_record(context: Context) -> PrivacyState | None:
-    if STATE_KEY not in context.state:
+def _node_cap(value: object) -> float | None:
+    if value is None or value == "":
         return None
-    rec = config_record(context.state, STATE_KEY)
-    hist = zip(numbers(rec, "sigma_hist"), numbers(rec, "q_hist"), numbers(rec, "steps_hist"),
-               strict=True)
-    return PrivacyState(number(rec, "noise_multiplier"), [(s, q, int(k)) for s, q, k in hist])
+    try:
+        cap = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        cap = math.nan
+    if not (math.isfinite(cap) and cap > 0):
+        raise ConfigError(f"node config epsilon-cap={value!r}: must be a number > 0")
+    return cap
 
 
-def _from_disk(path: Path | None) -> PrivacyState | None:
-    if path is None or not path.exists():
-        return None
-    data = json.loads(path.read_text())
-    return PrivacyState(float(data["noise_multiplier"]),
-                        [(float(s), float(q), int(k)) for s, q, k in data["history"]])
+def site_of(context: Context, config: ConfigRecord | None = None) -> Site:
+    """The site this ClientApp runs at, from its node config (and the server's root)."""
+    cfg = context.node_config
+    if "partition-id" not in cfg or "num-partitions" not in cfg:
+        raise ConfigError(
+            "node config must set 'partition-id' and 'num-partitions' "
+            f"(got keys {sorted(cfg)})"
+        )
+    pid, num = integer(cfg, "partition-id"), integer(cfg, "num-partitions")
+    name = str(cfg.get("site-name") or f"client-{pid}")
+    if cfg.get("state-dir"):
+        state_dir = Path(str(cfg["state-dir"])).expanduser()
+    elif config is not None and config.get(STATE_ROOT_KEY):
+        state_dir = Path(str(config[STATE_ROOT_KEY])) / name
+    else:
+        raise ConfigError(
+            "no state folder for the site's privacy ledger: set 'state-dir' in the node "
+            "config (a deployed site) or let the server send 'site-state-root' (simulation)"
+        )
+    return Site(name, pid, num, state_dir, _node_cap(cfg.get("epsilon-cap")),
+                str(cfg.get("device", "auto")))
 
 
-def load_state(context: Context) -> PrivacyState | None:
-    """The most-spent known state, or ``None`` for a client that never trained."""
-    known = [s for s in (_from_record(context), _from_disk(_state_file(context))) if s]
-    return max(known, key=lambda s: s.total_steps) if known else None
+def run_history(ledger: Ledger, run_id: str, site: str,
+                level: str = "sample") -> tuple[float | None, list[GaussianRelease]]:
+    """(σ of this run's first charge, or ``None``; this run's releases at ``level``)."""
+    rows = ledger.rows(run_id=run_id, site=site, level=level)
+    sigma = rows[0].charge.noise_multiplier if rows else None
+    return sigma, [r.charge.release() for r in rows]
 
 
-def save_state(context: Context, state: PrivacyState) -> None:
-    """Persist ``state`` (atomically and fsynced when on disk)."""
-    context.state[STATE_KEY] = ConfigRecord({
-        "noise_multiplier": state.noise_multiplier,
-        "sigma_hist": [float(s) for s, _, _ in state.history],
-        "q_hist": [float(q) for _, q, _ in state.history],
-        "steps_hist": [int(k) for _, _, k in state.history],
-    })
-    path = _state_file(context)
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump({"noise_multiplier": state.noise_multiplier,
-                   "history": [list(r) for r in state.history]}, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def site_history(ledger: Ledger, site: str) -> list[GaussianRelease]:
+    """Every release the site ever made (all runs, all levels): what its cap bounds."""
+    return [r.charge.release() for r in ledger.rows(site=site)]

@@ -2,13 +2,14 @@
 
 The privacy state of a client is its accountant history, a list of
 ``(noise_multiplier, sample_rate, steps)``. It is passed in, extended by this
-round's steps, and returned; the caller persists it. A fresh ``PrivacyEngine``
-per round is fine *because* its accountant is loaded with that whole history
-first, so the ε it reports is cumulative, never one round's.
+round's steps, and returned; the caller charges it to the site's ledger and
+asks :func:`privacy.epsilon` for the cumulative ε. A fresh ``PrivacyEngine`` per
+round is fine *because* its accountant is loaded with that whole history first.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from clients.config import ClientTask
 from clients.data import ArrayData
-from privacy import Release, epsilon
+from privacy import Release
 
 __all__ = ["RoundResult", "dp_train_round", "predict", "pick_device"]
 
@@ -30,7 +31,7 @@ class RoundResult:
     steps: int
     sample_rate: float
     train_loss: float
-    epsilon: float
+    noise_generator: str
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -81,13 +82,19 @@ def dp_train_round(
     history: list[Release],
     seed: int,
     device: torch.device,
+    noise_generator: str = "torch",
 ) -> RoundResult:
     """Train ``model`` in place for ``task.train.local_epochs`` epochs of DP-SGD.
 
     Poisson sampling with rate ``1 / ceil(n / batch_size)``, per-sample
     clipping to ``max_grad_norm`` and Gaussian noise of std
-    ``noise_multiplier * max_grad_norm`` (Abadi et al. 2016).
+    ``noise_multiplier * max_grad_norm`` (Abadi et al. 2016), drawn from
+    ``noise_generator`` (:mod:`clients.noise`).
     """
+    from clients.noise import use_noise_generator
+
+    if noise_generator == "secure":
+        seed = int.from_bytes(os.urandom(8), "big") >> 1
     torch.manual_seed(seed)  # Opacus draws its noise from torch's default generator
     model.to(device).train()
     losses: list[float] = []
@@ -97,6 +104,7 @@ def dp_train_round(
         engine, dp_model, dp_opt, dp_crit, dp_loader = _make_private(
             model, data, task, lr=lr, noise_multiplier=noise_multiplier, history=history,
             seed=seed)
+        generator = use_noise_generator(dp_opt, noise_generator)
         for _ in range(task.train.local_epochs):
             for xb, yb in dp_loader:
                 xb, yb = xb.to(device), yb.to(device)
@@ -116,8 +124,7 @@ def dp_train_round(
         steps=sum(n for _, _, n in new_history) - sum(n for _, _, n in history),
         sample_rate=float(dp_loader.sample_rate),
         train_loss=float(np.mean(losses)) if losses else float("nan"),
-        epsilon=epsilon(history=new_history, delta=task.privacy.delta,
-                        accountant=task.privacy.accountant),
+        noise_generator=generator,
     )
 
 

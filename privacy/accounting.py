@@ -35,6 +35,7 @@ __all__ = [
     "UnsupportedAccounting",
     "compress",
     "epsilon_all",
+    "EpsilonMemo",
     "planned_poisson_schedule",
     "calibrate_noise_multiplier",
     "epsilon",
@@ -267,3 +268,44 @@ def epsilon_all(*, history: Iterable[GaussianRelease | Sequence[Any]],
         except UnsupportedAccounting:
             out[name] = None
     return out
+
+
+class EpsilonMemo:
+    """ε of histories, remembered by their composition (order does not matter).
+
+    One accountant call costs ~0.5–2 s, and a run asks the same question often
+    (sites with the same σ and q; the same history once per report). The memo
+    is an explicit object: whoever creates it owns it for as long as it lives
+    (a run, an audit); it is never a module global.
+    """
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple[Any, ...], float] = {}
+
+    def __call__(self, history: Iterable[GaussianRelease | Sequence[Any]], delta: float,
+                 accountant: str) -> float:
+        items = list(history)
+        try:
+            releases = [r for r in map(_release, items) if r is not None]
+        except _Noiseless:
+            return math.inf
+        steps: dict[tuple[float, float, str, str], int] = {}
+        for r in releases:
+            k = (r.noise_multiplier, r.sample_rate, r.sampling, r.relation)
+            steps[k] = steps.get(k, 0) + r.steps
+        key = (delta, accountant, tuple(sorted((*k, n) for k, n in steps.items())))
+        if key not in self._memo:
+            self._memo[key] = epsilon(history=releases, delta=delta, accountant=accountant)
+        return self._memo[key]
+
+    def all(self, history: Iterable[GaussianRelease | Sequence[Any]],
+            delta: float) -> dict[str, float | None]:
+        """Like :func:`epsilon_all`, through the memo."""
+        items = list(history)
+        out: dict[str, float | None] = {}
+        for name in ACCOUNTANTS:
+            try:
+                out[name] = self(items, delta, name)
+            except UnsupportedAccounting:
+                out[name] = None
+        return out

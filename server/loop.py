@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,14 +21,16 @@ from flwr.serverapp import Grid
 from clients.config import TrainConfig, flatten
 from clients.data import ArrayData, server_test_split
 from clients.models import build_model
-from clients.records import integer, metric_record, number
+from clients.records import config_record, integer, metric_record, number
+from clients.state import STATE_ROOT_KEY
 from clients.train import pick_device, predict
-from privacy import epsilon
 from server.config import RunConfig
 from server.console import RoundReporter
 from server.evaluation import classification_metrics
+from server.ledger import ServerLedger
 from server.rundir import RunDir
 from strategies import STRATEGY_BUILDERS
+from strategies.budget import BudgetAwareSelection
 
 __all__ = ["ClientFailedError", "lr_for_round", "run_federation"]
 
@@ -47,31 +49,6 @@ def lr_for_round(cfg: TrainConfig, server_round: int) -> float:
         return cfg.lr * cfg.lr_gamma ** ((server_round - 1) // cfg.lr_step_rounds)
     progress = (server_round - 1) / max(1, cfg.rounds - 1)
     return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * progress))
-
-
-@dataclass
-class _PrivacyTally:
-    """Per client: what it reported, and what the server recomputes from its releases."""
-
-    reported: dict[int, float] = field(default_factory=dict)
-    releases: dict[int, list[tuple[float, float, int]]] = field(default_factory=dict)
-
-    def add(self, c: dict[str, Any]) -> None:
-        cid = int(c["client"])
-        self.reported[cid] = max(self.reported.get(cid, 0.0), float(c["epsilon"]))
-        self.releases.setdefault(cid, []).append(
-            (float(c["noise_multiplier"]), float(c["sample_rate"]), int(c["steps"]))
-        )
-
-    def per_client(self, delta: float, accountant: str) -> dict[int, float]:
-        """Each client's cumulative ε: the larger of what it reported and the recomputation."""
-        return {cid: max(self.reported[cid],
-                         epsilon(history=hist, delta=delta, accountant=accountant))
-                for cid, hist in sorted(self.releases.items())}
-
-    def epsilon_max(self, delta: float, accountant: str) -> float:
-        """Largest cumulative ε of any client."""
-        return max(self.per_client(delta, accountant).values(), default=0.0)
 
 
 def _send(grid: Grid, messages: Iterable[Message], timeout: float, what: str) -> list[Message]:
@@ -95,10 +72,13 @@ def _client_rows(replies: list[Message]) -> list[dict[str, Any]]:
     rows = []
     for m in replies:
         met = metric_record(m.content)
+        cap = number(met, "epsilon-cap")
         rows.append({
             "client": integer(met, "client"),
+            "site": str(config_record(m.content, "ledger").get("site")),
             "num_examples": integer(met, "num-examples"),
             "epsilon": number(met, "epsilon"),
+            "epsilon_cap": cap if cap > 0 else None,
             "noise_multiplier": number(met, "noise_multiplier"),
             "sample_rate": number(met, "sample_rate"),
             "steps": integer(met, "steps"),
@@ -123,9 +103,34 @@ def _ema(previous: dict[str, torch.Tensor] | None, new: dict[str, torch.Tensor],
             for k, v in new.items()}
 
 
+@dataclass
+class _Outcome:
+    """How the round loop ended."""
+
+    stop_reason: str = "completed"
+    detail: str = ""
+    rounds_completed: int = 0
+    rejected: int = 0
+
+
+def _stop_before_round(budget: BudgetAwareSelection, grid: Grid, cfg: RunConfig) -> str | None:
+    """Why no further round can run, or ``None`` when one can."""
+    if not budget.exhausted:
+        return None
+    eligible = budget.eligible(grid)
+    if len(eligible) < cfg.strategy.min_train_clients:
+        return (f"{len(eligible)} site(s) with budget left, fewer than "
+                f"strategy.min_train_clients={cfg.strategy.min_train_clients}")
+    return None
+
+
 def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
                    reporter: RoundReporter) -> dict[str, Any]:
-    """Run ``cfg.train.rounds`` rounds on ``grid``; write the run directory; return the summary."""
+    """Run up to ``cfg.train.rounds`` rounds on ``grid``; write the run directory.
+
+    Stops early, cleanly, when too few sites have budget left or a site
+    declines because the global ε cap would be crossed (``stop_reason``).
+    """
     t0 = time.perf_counter()
     _, test = server_test_split(cfg.dataset, cfg.train.seed)
     shape = tuple(test.x.shape[1:])
@@ -133,75 +138,108 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
     device = pick_device()
     arrays = ArrayRecord(model.state_dict())
     s = cfg.strategy
-    strategy = STRATEGY_BUILDERS[s.name](
+    budget = BudgetAwareSelection(STRATEGY_BUILDERS[s.name](
         fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate,
         min_train_clients=s.min_train_clients, min_evaluate_clients=s.min_evaluate_clients,
         num_clients=cfg.simulation.num_clients,
-    )
-    task = flatten(cfg.task)
-    tally = _PrivacyTally()
+    ))
+    task = {**flatten(cfg.task), STATE_ROOT_KEY: str(run_dir.sites_dir)}
+    ledger = ServerLedger(run_dir.ledger_path)
+    pc = cfg.privacy
     central: dict[str, Any] = {}
     eps_max = 0.0
     smoothed: dict[str, torch.Tensor] | None = None
-    with reporter:
-        for rnd in range(1, cfg.train.rounds + 1):
-            t_round = time.perf_counter()
-            lr = lr_for_round(cfg.train, rnd)
-            threads = max(1, int(cfg.simulation.num_cpus))
-            config = ConfigRecord({**task, "lr": lr, "num-threads": threads})
-            replies = _send(grid, strategy.configure_train(rnd, arrays, config, grid),
-                            s.round_timeout, f"training round {rnd}")
-            clients = _client_rows(replies)
-            for c in clients:
-                tally.add(c)
-            new_arrays, _ = strategy.aggregate_train(rnd, replies)
-            if new_arrays is None:
-                raise ClientFailedError(f"round {rnd}: no client update to aggregate")
-            arrays = new_arrays
-            fed_eval = None
-            if s.fraction_evaluate > 0 and cfg.dataset.val_fraction > 0:
-                eval_config = ConfigRecord(dict(task))
-                ev = _send(grid, strategy.configure_evaluate(rnd, arrays, eval_config, grid),
-                           s.round_timeout, f"evaluation round {rnd}")
-                agg = strategy.aggregate_evaluate(rnd, ev)
-                # The weighted mean of client ids is meaningless: drop it.
-                fed_eval = {k: v for k, v in agg.items() if k != "client"} if agg else None
-            smoothed = _ema(smoothed, arrays.to_torch_state_dict(), s.ema)
-            central = _central(model, smoothed, test, device)
-            eps_max = tally.epsilon_max(cfg.privacy.delta, cfg.privacy.accountant)
-            record = {
-                "round": rnd, "lr": lr, "central": central, "clients": clients,
-                "federated_evaluation": fed_eval, "epsilon_sample_level_max": eps_max,
-                "wall_seconds": time.perf_counter() - t_round,
-            }
-            run_dir.append_round(record)
-            log.info("round %d: central %s, eps_max %.4f", rnd,
-                     {k: v for k, v in central.items() if k != "confusion_matrix"}, eps_max)
-            reporter.round_done(record, eps_max)
-    run_dir.save_model(smoothed if smoothed is not None else arrays.to_torch_state_dict())
-    summary = _summary(cfg, central, tally, time.perf_counter() - t0)
-    run_dir.write_summary(summary)
+    outcome = _Outcome()
+    try:
+        with reporter:
+            for rnd in range(1, cfg.train.rounds + 1):
+                why = _stop_before_round(budget, grid, cfg)
+                if why:
+                    outcome.stop_reason, outcome.detail = "budget_exhausted", why
+                    break
+                t_round = time.perf_counter()
+                lr = lr_for_round(cfg.train, rnd)
+                threads = max(1, int(cfg.simulation.num_cpus))
+                config = ConfigRecord({**task, "lr": lr, "num-threads": threads})
+                replies = _send(grid, budget.configure_train(rnd, arrays, config, grid),
+                                s.round_timeout, f"training round {rnd}")
+                trained, declined = budget.split(replies)
+                # Mirror each release into the server ledger before anything derived
+                # from it (the aggregate, metrics) leaves this process.
+                trained, rejected = ledger.mirror(trained, rnd)
+                outcome.rejected += len(rejected)
+                new_arrays = None
+                if trained:
+                    new_arrays, _ = budget.strategy.aggregate_train(rnd, trained)
+                if new_arrays is None:
+                    outcome.stop_reason = "budget_exhausted" if declined else "no_updates"
+                    outcome.detail = (f"round {rnd}: no site trained ({len(declined)} "
+                                      f"declined, {len(rejected)} rejected)")
+                    break
+                arrays = new_arrays
+                fed_eval = None
+                if s.fraction_evaluate > 0 and cfg.dataset.val_fraction > 0:
+                    ev = _send(grid, budget.configure_evaluate(rnd, arrays, ConfigRecord(task),
+                                                               grid),
+                               s.round_timeout, f"evaluation round {rnd}")
+                    agg = budget.aggregate_evaluate(rnd, ev)
+                    # The weighted mean of client ids is meaningless: drop it.
+                    fed_eval = {k: v for k, v in agg.items() if k != "client"} if agg else None
+                smoothed = _ema(smoothed, arrays.to_torch_state_dict(), s.ema)
+                central = _central(model, smoothed, test, device)
+                eps_max = max(ledger.per_site(pc.delta, pc.accountant).values(), default=0.0)
+                record = {
+                    "round": rnd, "lr": lr, "central": central, "clients": _client_rows(trained),
+                    "declined": [vars(d) for d in declined], "rejected": rejected,
+                    "federated_evaluation": fed_eval, "epsilon_sample_level_max": eps_max,
+                    "wall_seconds": time.perf_counter() - t_round,
+                }
+                run_dir.append_round(record)
+                outcome.rounds_completed = rnd
+                log.info("round %d: central %s, eps_max %.4f", rnd,
+                         {k: v for k, v in central.items() if k != "confusion_matrix"}, eps_max)
+                reporter.round_done(record, eps_max)
+                if any(d.binding_cap == "global" for d in declined):
+                    outcome.stop_reason = "global_epsilon_cap"
+                    outcome.detail = (f"round {rnd}: a site's next release would cross "
+                                      f"privacy.epsilon_cap={pc.epsilon_cap}")
+                    break
+        if smoothed is not None or outcome.rounds_completed:
+            run_dir.save_model(smoothed if smoothed is not None
+                               else arrays.to_torch_state_dict())
+        summary = _summary(cfg, central, ledger, outcome, time.perf_counter() - t0)
+        run_dir.write_summary(summary)
+    finally:
+        ledger.close()
+    if outcome.stop_reason != "completed":
+        log.warning("run stopped early: %s (%s)", outcome.stop_reason, outcome.detail)
     return summary
 
 
-def _summary(cfg: RunConfig, central: dict[str, Any], tally: _PrivacyTally,
+def _summary(cfg: RunConfig, central: dict[str, Any], ledger: ServerLedger, outcome: _Outcome,
              wall_seconds: float) -> dict[str, Any]:
-    per_client = tally.per_client(cfg.privacy.delta, cfg.privacy.accountant)
+    per_client = ledger.per_site(cfg.privacy.delta, cfg.privacy.accountant)
+    rows, head = ledger.ledger.head()
     return {
         "rounds": cfg.train.rounds,
+        "rounds_completed": outcome.rounds_completed,
+        "stop_reason": outcome.stop_reason,
+        "stop_detail": outcome.detail,
         "num_clients": cfg.simulation.num_clients,
         "dataset": cfg.dataset.name,
         "model": cfg.model.name,
-        "accuracy": central["accuracy"],
-        "f1_macro": central["f1_macro"],
-        "roc_auc_ovr": central["roc_auc_ovr"],
+        "accuracy": central.get("accuracy"),
+        "f1_macro": central.get("f1_macro"),
+        "roc_auc_ovr": central.get("roc_auc_ovr"),
         "delta": cfg.privacy.delta,
         "target_epsilon": cfg.privacy.target_epsilon,
         "epsilon_sample_level_max": max(per_client.values(), default=0.0),
-        "epsilon_per_client": {str(k): v for k, v in per_client.items()},
+        "epsilon_per_client": per_client,
+        "epsilon_caps": ledger.caps(),
+        "updates_rejected": outcome.rejected,
         "accountant": f"opacus-{cfg.privacy.accountant}",
         "sampling": "poisson",
-        "noise_generator": "torch default PRNG, seeded per (seed, round, client); "
-                           "not cryptographically secure",
+        "noise_generators": ledger.generators(),
+        "ledger": {"path": "ledger.sqlite", "rows": rows, "head": head},
         "wall_seconds": wall_seconds,
     }

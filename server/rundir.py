@@ -6,6 +6,8 @@
 | ``metrics.jsonl`` | one JSON object per round |
 | ``summary.json`` | the run's headline numbers |
 | ``model.safetensors`` | the final global model |
+| ``ledger.sqlite`` | the server's privacy ledger (``privacy.ledger``) |
+| ``sites/NAME/`` | in simulation, each site's state folder (its own ledger) |
 | ``fedpriv.log`` | Flower's and Ray's log output |
 | ``tensorboard/`` | optional event files |
 """
@@ -43,6 +45,14 @@ class RunDir:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(self.path / "tensorboard"))
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.path / "ledger.sqlite"
+
+    @property
+    def sites_dir(self) -> Path:
+        return self.path / "sites"
 
     def write_config(self, resolved_yaml: str) -> None:
         (self.path / "config.yaml").write_text(resolved_yaml)

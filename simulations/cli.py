@@ -10,6 +10,8 @@ commands:
   simulate [HYDRA OVERRIDES…]   run a local federated simulation (Flower + Ray)
                                 e.g. fedpriv simulate train.rounds=5 model=cnn
                                      fedpriv simulate --multirun privacy.target_epsilon=1,3,8
+  audit RUN_DIR [--delta D] [--format md|html|json] [--out PATH]
+                                verify a run's privacy ledger and recompute every epsilon
 """
 
 
@@ -30,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fedpriv: run failed: {ex}", file=sys.stderr)
             return 1
         return 0
+    if command == "audit":
+        from server.audit import main as audit_main
+
+        return audit_main(rest)
     print(f"fedpriv: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -1,0 +1,151 @@
+"""Budget-aware selection: never ask a site whose privacy budget is spent.
+
+A wrapper in Flower's style (like ``DifferentialPrivacyServerSideFixedClipping``):
+it wraps any strategy. Sites enforce their own caps (a site whose next round
+would cross its cap answers ``budget_exhausted`` instead of training); this
+wrapper learns from those answers, and from each site's ``can-afford-next``
+flag, which sites are spent, and hides them from the wrapped strategy's
+sampling from then on. Declines never reach the wrapped ``aggregate_train``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+__all__ = ["BudgetAwareSelection", "Decline", "is_decline"]
+
+STATUS_KEY = "status"
+EXHAUSTED = "budget_exhausted"
+
+
+@dataclass(frozen=True)
+class Decline:
+    node_id: int
+    site: str
+    binding_cap: str  # "site" or "global"
+    reason: str
+
+
+def is_decline(reply: Message) -> bool:
+    """Whether ``reply`` is a site's structured ``budget_exhausted`` answer."""
+    status = reply.content.get(STATUS_KEY) if reply.has_content() else None
+    return isinstance(status, ConfigRecord) and status.get("status") == EXHAUSTED
+
+
+def _decline(reply: Message) -> Decline:
+    status = cast(ConfigRecord, reply.content[STATUS_KEY])  # is_decline checked it
+    return Decline(reply.metadata.src_node_id, str(status.get("site", "?")),
+                   str(status.get("binding-cap", "site")), str(status.get("reason", "")))
+
+
+class _EligibleGrid(Grid):
+    """A view of ``grid`` whose ``get_node_ids`` leaves out ``excluded`` nodes."""
+
+    def __init__(self, grid: Grid, excluded: set[int]) -> None:
+        self._grid = grid
+        self._excluded = excluded
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [n for n in self._grid.get_node_ids() if n not in self._excluded]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    # Grid's abstract methods, delegated.
+    def set_run(self, run: Any) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self._grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self._grid.create_message(*args, **kwargs)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+class BudgetAwareSelection(Strategy):
+    """Wrap ``strategy`` so that spent sites are never selected again.
+
+    Parameters
+    ----------
+    strategy : the strategy whose sampling and aggregation are used.
+
+    Attributes
+    ----------
+    exhausted : node id -> why it is no longer selected.
+    declines : every decline seen, in order.
+    """
+
+    def __init__(self, strategy: Strategy) -> None:
+        self.strategy = strategy
+        self.exhausted: dict[int, str] = {}
+        self.declines: list[Decline] = []
+
+    def eligible(self, grid: Grid) -> list[int]:
+        return [n for n in grid.get_node_ids() if n not in self.exhausted]
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        view = _EligibleGrid(grid, set(self.exhausted))
+        # Flower's samplers wait until `min_available_nodes` are connected: spent
+        # sites will never count again, so wait only for the others.
+        inner_min = getattr(self.strategy, "min_available_nodes", None)
+        if inner_min is not None:
+            self.strategy.min_available_nodes = max(  # type: ignore[attr-defined]
+                1, inner_min - len(self.exhausted))
+        try:
+            return list(self.strategy.configure_train(server_round, arrays, config, view))
+        finally:
+            if inner_min is not None:
+                self.strategy.min_available_nodes = inner_min  # type: ignore[attr-defined]
+
+    def split(self, replies: Iterable[Message]) -> tuple[list[Message], list[Decline]]:
+        """Trained replies and declines; remembers spent sites."""
+        trained, declined = [], []
+        for reply in replies:
+            if is_decline(reply):
+                d = _decline(reply)
+                declined.append(d)
+                self.exhausted[d.node_id] = d.reason
+                continue
+            trained.append(reply)
+            metrics = reply.content.get("metrics")
+            if isinstance(metrics, MetricRecord) and metrics.get("can-afford-next", 1) == 0:
+                self.exhausted[reply.metadata.src_node_id] = (
+                    "its next round would exceed its epsilon cap")
+        self.declines.extend(declined)
+        return trained, declined
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        trained, _ = self.split(replies)
+        if not trained:
+            return None, None
+        return self.strategy.aggregate_train(server_round, trained)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()

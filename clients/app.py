@@ -95,6 +95,7 @@ class _Plan:
     run_history: list[GaussianRelease]
     lifetime: list[GaussianRelease]
     cap: float | None
+    binding: str  # which cap is the tightest: "site" or "global"
     epsilon_run: float  # this run's ε at the site after the round (reported)
     charge: LedgerRow
 
@@ -125,6 +126,8 @@ def _plan_and_charge(task: ClientTask, site: Site, run_id: str, server_round: in
         rounds=tc.rounds)
     site_cap = effective_cap(site.epsilon_cap, pc.site_cap(site.partition_id))
     cap = effective_cap(site_cap, pc.epsilon_cap)
+    binding = "global" if pc.epsilon_cap is not None and (
+        site_cap is None or pc.epsilon_cap < site_cap) else "site"
     with site.ledger() as ledger:
         known_sigma, run_hist = run_history(ledger, run_id, site.name)
         sigma = _sigma(task, known_sigma, q, total)
@@ -133,9 +136,7 @@ def _plan_and_charge(task: ClientTask, site: Site, run_id: str, server_round: in
         check = check_budget(spent=lifetime, planned=[planned], cap=cap, delta=pc.delta,
                              accountant=pc.accountant)
         if not check.allowed:
-            global_binds = pc.epsilon_cap is not None and (
-                site_cap is None or pc.epsilon_cap < site_cap)
-            return check, "global" if global_binds else "site"
+            return check, binding
         eps_run = check.after if lifetime == run_hist else epsilon(
             history=[*run_hist, planned], delta=pc.delta, accountant=pc.accountant)
         row = ledger.append(Charge(
@@ -144,7 +145,7 @@ def _plan_and_charge(task: ClientTask, site: Site, run_id: str, server_round: in
             steps=per_round, delta=pc.delta, sampling="poisson", relation="add_remove",
             noise_generator=describe_noise_generator(pc.noise_generator), num_records=n,
             epsilon_cap=cap, epsilon_reported=eps_run, accountant=pc.accountant))
-    return _Plan(sigma, planned, run_hist, lifetime, cap, eps_run, row)
+    return _Plan(sigma, planned, run_hist, lifetime, cap, binding, eps_run, row)
 
 
 @app.train()
@@ -219,6 +220,7 @@ def _reply(msg: Message, site: Site, task: ClientTask, plan: _Plan, n: int, trai
         "site": site.name, "hash": c.hash, "seq": c.seq, "run-id": c.charge.run_id,
         "noise-generator": c.charge.noise_generator, "sampling": c.charge.sampling,
         "relation": c.charge.relation, "accountant": pc.accountant,
+        "binding-cap": plan.binding,
     })
     return Message(RecordDict({"arrays": arrays, "metrics": metrics, "ledger": ledger_info}),
                    reply_to=msg)

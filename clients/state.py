@@ -19,7 +19,7 @@ from flwr.app import ConfigRecord, Context
 from clients.config import ConfigError
 from clients.records import integer
 from privacy import GaussianRelease
-from privacy.ledger import Ledger
+from privacy.ledger import LEDGER_FILE, Ledger
 
 __all__ = ["Site", "site_of", "run_history", "site_history"]
 
@@ -36,7 +36,7 @@ class Site:
     device: str
 
     def ledger(self) -> Ledger:
-        return Ledger.open(self.state_dir)
+        return Ledger.open(self.state_dir / LEDGER_FILE)
 
 
 def _node_cap(value: object) -> float | None:

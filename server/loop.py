@@ -172,7 +172,10 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
                 if trained:
                     new_arrays, _ = budget.strategy.aggregate_train(rnd, trained)
                 if new_arrays is None:
-                    outcome.stop_reason = "budget_exhausted" if declined else "no_updates"
+                    outcome.stop_reason = "no_updates"
+                    if declined:
+                        outcome.stop_reason = "global_epsilon_cap" if \
+                            budget.global_cap_reached else "budget_exhausted"
                     outcome.detail = (f"round {rnd}: no site trained ({len(declined)} "
                                       f"declined, {len(rejected)} rejected)")
                     break
@@ -199,9 +202,9 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
                 log.info("round %d: central %s, eps_max %.4f", rnd,
                          {k: v for k, v in central.items() if k != "confusion_matrix"}, eps_max)
                 reporter.round_done(record, eps_max)
-                if any(d.binding_cap == "global" for d in declined):
+                if budget.global_cap_reached:
                     outcome.stop_reason = "global_epsilon_cap"
-                    outcome.detail = (f"round {rnd}: a site's next release would cross "
+                    outcome.detail = (f"after round {rnd}: a site's next release would cross "
                                       f"privacy.epsilon_cap={pc.epsilon_cap}")
                     break
         if smoothed is not None or outcome.rounds_completed:

@@ -90,12 +90,15 @@ class BudgetAwareSelection(Strategy):
     ----------
     exhausted : node id -> why it is no longer selected.
     declines : every decline seen, in order.
+    global_cap_reached : a site declined, or cannot afford its next round,
+        because of the global cap (not its own): the run should end.
     """
 
     def __init__(self, strategy: Strategy) -> None:
         self.strategy = strategy
         self.exhausted: dict[int, str] = {}
         self.declines: list[Decline] = []
+        self.global_cap_reached = False
 
     def eligible(self, grid: Grid) -> list[int]:
         return [n for n in grid.get_node_ids() if n not in self.exhausted]
@@ -123,12 +126,16 @@ class BudgetAwareSelection(Strategy):
                 d = _decline(reply)
                 declined.append(d)
                 self.exhausted[d.node_id] = d.reason
+                self.global_cap_reached |= d.binding_cap == "global"
                 continue
             trained.append(reply)
-            metrics = reply.content.get("metrics")
+            metrics, info = reply.content.get("metrics"), reply.content.get("ledger")
             if isinstance(metrics, MetricRecord) and metrics.get("can-afford-next", 1) == 0:
+                binding = info.get("binding-cap") if isinstance(info, ConfigRecord) else None
+                which = binding if isinstance(binding, str) else "site"
                 self.exhausted[reply.metadata.src_node_id] = (
-                    "its next round would exceed its epsilon cap")
+                    f"its next round would exceed its {which} epsilon cap")
+                self.global_cap_reached |= binding == "global"
         self.declines.extend(declined)
         return trained, declined
 

@@ -115,3 +115,65 @@ def test_a_raising_client_fails_the_run_fast(tmp_path):
     assert "target_epsilon=0.01: unreachable" in text  # the client's own error ...
     assert "Traceback" in text and "calibrate_noise_multiplier" in text  # ... and traceback
     assert elapsed < 120, f"a failing client took {elapsed:.0f}s to end the run"
+
+
+def test_the_run_audits_clean_from_its_ledgers(run_dir):
+    # Prepare: the module's run (3 clients x 2 rounds). Execute: the audit CLI.
+    path, _ = run_dir
+    out = subprocess.run([sys.executable, "-m", "simulations.cli", "audit", str(path),
+                          "--format", "json", "--out", str(path / "audit.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads((path / "audit.json").read_text())
+    assert report["ok"] and report["chain_ok"] and report["ledger_rows"] == 6
+    # Each site kept its own ledger, and the server's mirror matched it row by row.
+    assert sorted(report["site_ledgers"]) == ["client-0", "client-1", "client-2"]
+    assert not [f for f in report["findings"] if f["severity"] == "error"]
+    summary = json.loads((path / "summary.json").read_text())
+    rounds = [json.loads(ln) for ln in (path / "metrics.jsonl").read_text().splitlines()]
+    for site in report["sites"]:
+        releases = [(c["noise_multiplier"], c["sample_rate"], c["steps"])
+                    for r in rounds for c in r["clients"] if c["site"] == site["site"]]
+        independent = pld_epsilon(releases, 1e-5)
+        assert site["levels"]["sample"]["pld"] == pytest.approx(independent, rel=1e-6)
+        assert site["recomputed"] == pytest.approx(summary["epsilon_per_client"][site["site"]])
+        assert site["epsilon_by_round"] == sorted(site["epsilon_by_round"])
+
+
+def test_caps_stop_spent_sites_and_end_the_run(tmp_path):
+    """Caps below the schedule's need: sites decline or drop out, the run ends with a reason.
+
+    With sigma calibrated for 4 rounds at eps 3 (PRV), eps after k rounds is about
+    1.66, 2.20, 2.63, 3.00. Client 0 (cap 1.0) cannot afford round 1 and declines;
+    client 1 (cap 2.4) trains 2 rounds; client 2 (cap 50) is stopped by the global
+    cap 2.8 after round 3.
+    """
+    path = tmp_path / "run"
+    out = subprocess.run(
+        [*CLI, "train.rounds=4", "simulation.num_clients=3", "strategy.min_train_clients=1",
+         "strategy.fraction_evaluate=0", "privacy.site_epsilon_cap=[1.0,2.4,50]",
+         "privacy.epsilon_cap=2.8", f"hydra.run.dir={path}"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    summary = json.loads((path / "summary.json").read_text())
+    rounds = [json.loads(ln) for ln in (path / "metrics.jsonl").read_text().splitlines()]
+    assert summary["stop_reason"] == "global_epsilon_cap", summary
+    assert summary["rounds_completed"] == 3
+    assert [d["site"] for d in rounds[0]["declined"]] == ["client-0"]
+    trained = {r["round"]: sorted(c["site"] for c in r["clients"]) for r in rounds}
+    assert trained == {1: ["client-1", "client-2"], 2: ["client-1", "client-2"],
+                       3: ["client-2"]}
+    caps = {"client-0": 1.0, "client-1": 2.4, "client-2": 2.8}
+    audit = subprocess.run([sys.executable, "-m", "simulations.cli", "audit", str(path),
+                            "--format", "json", "--out", str(path / "audit.json")],
+                           capture_output=True, text=True, timeout=300)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    report = json.loads((path / "audit.json").read_text())
+    for site in report["sites"]:
+        # Caps hold under the run's accountant (PRV), and under the independent PLD.
+        # (RDP is a looser bound than both; it is shown, not enforced.)
+        assert site["cap"] == caps[site["site"]]
+        assert site["total"]["prv"] <= caps[site["site"]]
+        assert site["total"]["pld"] <= caps[site["site"]]
+    assert "client-0" not in {s["site"] for s in report["sites"]}  # it never released

@@ -177,7 +177,11 @@ def train(msg: Message, context: Context) -> Message:
             model, train_data, task,
             lr=number(config, "lr"), noise_multiplier=plan.sigma,
             history=[(r.noise_multiplier, r.sample_rate, r.steps) for r in plan.run_history],
-            seed=derive_seed(task.train.seed, server_round, site.partition_id), device=device,
+            # The ledger row number makes every charged release draw fresh noise: a
+            # re-run round, or a second run at the same site with the same seed,
+            # never reuses noise (reused noise cancels out of a difference).
+            seed=derive_seed(task.train.seed, server_round, site.partition_id, plan.charge.seq),
+            device=device,
             noise_generator=pc.noise_generator,
         )
         _check_charged(plan, result.history)

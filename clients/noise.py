@@ -27,7 +27,7 @@ __all__ = ["NOISE_GENERATORS", "describe_noise_generator", "secure_gaussian",
 # "<id>: <sentence>"; the privacy audit reads the id (``os-csprng`` counts as secure).
 _TORCH_DESCRIPTION = (
     "torch-mt19937: torch default generator (Mersenne Twister), seeded per (run seed, "
-    "round, client); not cryptographically secure"
+    "round, client, site ledger row); not cryptographically secure"
 )
 _SECURE_DESCRIPTION = (
     "os-csprng: os.urandom (kernel CSPRNG) -> Box-Muller in float64, 4 draws summed and "

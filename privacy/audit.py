@@ -270,6 +270,29 @@ def _accuracy_curve(run: _Run, sites: list[SiteAudit]) -> list[tuple[int, float,
     return out
 
 
+def _head_findings(recorded: dict[str, Any], count: int, head: str,
+                   rows: list[LedgerRow]) -> list[Finding]:
+    """Compare the ledger with the head ``summary.json`` recorded when the run ended.
+
+    The hashes are unkeyed, so whoever can write the file can re-chain an edited
+    ledger; the recorded head is the anchor that catches that (and truncation).
+    """
+    want_rows, want_head = recorded.get("rows"), recorded.get("head")
+    if (want_rows, want_head) == (count, head):
+        return []
+    msg = (f"summary.json recorded {want_rows} rows ending in {str(want_head)[:12]}...; "
+           f"the ledger has {count} ending in {head[:12]}...")
+    if isinstance(want_rows, int) and want_rows < count:
+        at = next((r for r in rows if r.seq == want_rows), None)
+        if at is not None and at.hash == want_head:
+            return [Finding("warning", "ledger_grew", f"{msg} (rows appended after the run "
+                                                       "ended; the recorded prefix is intact)",
+                            seq=want_rows + 1)]
+    seq = want_rows if isinstance(want_rows, int) and 0 < want_rows <= count else count
+    return [Finding("error", "ledger_head_mismatch", f"{msg}: the ledger was truncated, "
+                    "re-chained or replaced", seq=seq)]
+
+
 def audit_run(run_dir: str | Path, *, delta: float | None = None) -> AuditReport:
     """Audit the run in ``run_dir`` (see the module docstring).
 
@@ -292,12 +315,8 @@ def audit_run(run_dir: str | Path, *, delta: float | None = None) -> AuditReport
     for p in problems:
         findings.append(Finding("error", "chain_broken", str(p), seq=p.seq))
     recorded = run.summary.get("ledger") or {}
-    if recorded and (recorded.get("rows"), recorded.get("head")) != (count, head):
-        sev = "error" if int(recorded.get("rows") or 0) > count else "warning"
-        findings.append(Finding(sev, "ledger_head_mismatch",
-                                f"summary.json recorded {recorded.get('rows')} rows ending in "
-                                f"{str(recorded.get('head'))[:12]}…; the ledger has {count} "
-                                f"ending in {head[:12]}…", seq=count))
+    if recorded:
+        findings.extend(_head_findings(recorded, count, head, rows))
     run_delta = delta if delta is not None else run.summary.get("delta") or (
         rows[0].charge.delta if rows else 1e-5)
     if not 0 < float(run_delta) < 1:

@@ -199,6 +199,9 @@ CREATE TRIGGER IF NOT EXISTS releases_no_update BEFORE UPDATE ON releases
 BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS releases_no_delete BEFORE DELETE ON releases
 BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS releases_no_replace BEFORE INSERT ON releases
+WHEN EXISTS (SELECT 1 FROM releases WHERE seq = NEW.seq)
+BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
 """
 _COLUMNS = ("seq", "created_at", *CONTENT_FIELDS, "prev_hash", "hash")
 
@@ -226,15 +229,26 @@ class Ledger:
         conn = sqlite3.connect(str(path), timeout=60.0, isolation_level=None)
         try:
             conn.execute("PRAGMA busy_timeout = 60000")
+            # Look before touching: switching to WAL writes the file's header, and a
+            # file that turns out not to be a ledger must be left as it was.
+            tables = {r[0] for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if not tables and not create:
+                raise LedgerError(f"{path}: empty file, not a fedpriv ledger")
+            if tables and ("meta" not in tables or "releases" not in tables):
+                raise LedgerError(f"{path}: not a fedpriv ledger (tables {sorted(tables)})")
+            if tables:
+                row = conn.execute(
+                    "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                if row is None or row[0] != str(SCHEMA_VERSION):
+                    found = None if row is None else row[0]
+                    raise LedgerError(f"{path}: ledger schema version {found!r}; this fedpriv "
+                                      f"reads version {SCHEMA_VERSION} only")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise LedgerError(f"{path}: could not switch to WAL journal (got {mode})")
             conn.execute("PRAGMA synchronous = FULL")
-            tables = {r[0] for r in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table'")}
             if not tables:
-                if not create:
-                    raise LedgerError(f"{path}: empty file, not a fedpriv ledger")
                 with _immediate(conn):
                     for stmt in _SCHEMA.split(";\n"):
                         if stmt.strip():
@@ -243,13 +257,6 @@ class Ledger:
                                  (str(SCHEMA_VERSION),))
                     conn.execute("INSERT OR IGNORE INTO meta VALUES ('created_at', ?)",
                                  (repr(time.time()),))
-            elif "meta" not in tables or "releases" not in tables:
-                raise LedgerError(f"{path}: not a fedpriv ledger (tables {sorted(tables)})")
-            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if row is None or row[0] != str(SCHEMA_VERSION):
-                found = None if row is None else row[0]
-                raise LedgerError(f"{path}: ledger schema version {found!r}; this fedpriv "
-                                  f"reads version {SCHEMA_VERSION} only")
         except sqlite3.DatabaseError as ex:
             conn.close()
             raise LedgerError(f"{path}: not a readable fedpriv ledger ({ex})") from ex
@@ -334,7 +341,8 @@ class Ledger:
                 Charge(**content)
             except (LedgerError, TypeError) as ex:
                 problems.append(ChainProblem(seq, f"invalid content: {ex}"))
-            prev, expected_seq = r["hash"], expected_seq + 1
+            # After a gap, count on from this row: one missing row is one problem.
+            prev, expected_seq = r["hash"], seq + 1
         return problems
 
 

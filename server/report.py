@@ -179,12 +179,20 @@ def _epsilon_figure(report: AuditReport) -> Figure:
 
     fig = _new_figure()
     ax = fig.add_subplot()
+    # A cap far above the curves would flatten them: show caps up to twice the
+    # largest ε, and name the others in the legend.
+    top = max(_finite(e) for s in series for e in s.epsilon_by_round)
     for i, s in enumerate(series):
         colour = f"C{i % 10}"
         ys = [_finite(e) for e in s.epsilon_by_round]
         ax.plot(s.rounds, ys, marker="o", markersize=3, color=colour, label=s.site)
         if s.cap is not None and math.isfinite(s.cap):
-            ax.axhline(s.cap, linestyle="--", linewidth=1, color=colour, label=f"{s.site} cap")
+            if s.cap <= 2 * top:
+                ax.axhline(s.cap, linestyle="--", linewidth=1, color=colour,
+                           label=f"{s.site} cap")
+            else:
+                ax.plot([], [], linestyle="--", linewidth=1, color=colour,
+                        label=f"{s.site} cap {s.cap:g} (off scale)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel(f"cumulative ε at δ={report.delta:g} ({report.accountant})")

@@ -26,13 +26,14 @@ import hashlib
 import json
 import math
 import os
+import random
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from privacy.accounting import RELATIONS, SAMPLING_METHODS, GaussianRelease
 
@@ -46,6 +47,8 @@ __all__ = [
     "LedgerRow",
     "row_hash",
 ]
+
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 LEDGER_FILE = "ledger.sqlite"
@@ -244,7 +247,7 @@ class Ledger:
                     found = None if row is None else row[0]
                     raise LedgerError(f"{path}: ledger schema version {found!r}; this fedpriv "
                                       f"reads version {SCHEMA_VERSION} only")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = _when_unlocked(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
             if str(mode).lower() != "wal":
                 raise LedgerError(f"{path}: could not switch to WAL journal (got {mode})")
             conn.execute("PRAGMA synchronous = FULL")
@@ -344,6 +347,24 @@ class Ledger:
             # After a gap, count on from this row: one missing row is one problem.
             prev, expected_seq = r["hash"], seq + 1
         return problems
+
+
+def _when_unlocked(fn: Callable[[], T], timeout: float = 60.0) -> T:
+    """Run ``fn``, retrying while another process holds the database lock.
+
+    SQLite's busy timeout does not cover every statement: switching the journal
+    mode of a file another process is creating fails at once with "database is
+    locked". Retry with a short, jittered back-off, for at most ``timeout`` s.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as ex:
+            locked = "locked" in str(ex) or "busy" in str(ex)
+            if not locked or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02 + random.random() * 0.05)
 
 
 @contextmanager

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from privacy import epsilon
-from server.loop import _ema, _PrivacyTally
+from server.loop import _ema
 
 
 def test_ema_of_weights_by_hand():
@@ -18,19 +17,3 @@ def test_ema_of_weights_by_hand():
     assert smoothed["w"].item() == pytest.approx(5.0)
     assert smoothed["n"].item() == 3
     assert _ema(w[0], w[1], 0.0) is w[1]
-
-
-def test_tally_reports_the_larger_of_reported_and_recomputed():
-    tally = _PrivacyTally()
-    # A client that under-reports: the server's own recomputation wins.
-    tally.add({"client": 0, "epsilon": 0.01, "noise_multiplier": 1.0, "sample_rate": 0.1,
-               "steps": 50})
-    tally.add({"client": 0, "epsilon": 0.02, "noise_multiplier": 1.0, "sample_rate": 0.1,
-               "steps": 50})
-    expected = epsilon(history=[(1.0, 0.1, 100)], delta=1e-5)
-    assert tally.epsilon_max(1e-5, "rdp") == pytest.approx(expected)
-    assert tally.per_client(1e-5, "rdp")[0] == pytest.approx(expected)
-    # A client that over-reports keeps its (larger) claim.
-    tally.add({"client": 1, "epsilon": 99.0, "noise_multiplier": 5.0, "sample_rate": 0.1,
-               "steps": 1})
-    assert tally.epsilon_max(1e-5, "rdp") == 99.0

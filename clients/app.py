@@ -25,7 +25,7 @@ from clients.config import ClientTask, ConfigError, from_flat
 from clients.data import ArrayData, client_partition
 from clients.models import build_model
 from clients.noise import describe_noise_generator
-from clients.records import array_record, config_record, integer, number
+from clients.records import array_record, charge_record, config_record, integer, number
 from clients.state import Site, run_history, site_history, site_of
 from clients.train import dp_train_round, pick_device, predict
 from privacy import (
@@ -219,13 +219,8 @@ def _reply(msg: Message, site: Site, task: ClientTask, plan: _Plan, n: int, trai
         "epsilon-cap": plan.cap if plan.cap is not None else -1.0,
         "can-afford-next": int(next_round is None or next_round.allowed),
     })
-    c = plan.charge
-    ledger_info = ConfigRecord({
-        "site": site.name, "hash": c.hash, "seq": c.seq, "run-id": c.charge.run_id,
-        "noise-generator": c.charge.noise_generator, "sampling": c.charge.sampling,
-        "relation": c.charge.relation, "accountant": pc.accountant,
-        "binding-cap": plan.binding,
-    })
+    ledger_info = charge_record(plan.charge)
+    ledger_info["binding-cap"] = plan.binding
     return Message(RecordDict({"arrays": arrays, "metrics": metrics, "ledger": ledger_info}),
                    reply_to=msg)
 

@@ -10,6 +10,7 @@ dotted key and the offending value.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -32,8 +33,9 @@ __all__ = [
 
 T = TypeVar("T")
 
-BUNDLED_DATASETS = ("digits", "mnist5k")
-PARTITIONERS = ("iid", "dirichlet")
+BUNDLED_DATASETS = ("digits", "mnist5k", "fashion-mnist", "breast-cancer")
+FILE_FORMATS = ("csv", "parquet", "npz", "idx", "images")
+PARTITIONERS = ("iid", "dirichlet", "pathological", "shard")
 LR_SCHEDULES = ("constant", "step", "cosine")
 ACCOUNTANTS = ("rdp", "prv")
 NOISE_GENERATORS = ("torch", "secure")
@@ -52,17 +54,27 @@ def require(ok: bool, key: str, value: Any, why: str) -> None:
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    """Which bundled data set, how the server's test set and clients' data are cut.
+    """Which data, how the server's test set and clients' data are cut and prepared.
 
     Attributes
     ----------
-    name : bundled data set (``digits`` or ``mnist5k``).
-    test_fraction : share held out by the server for central evaluation; no
-        client ever trains on it.
-    val_fraction : share of each client's partition kept for local validation.
-    partitioner : ``iid`` or ``dirichlet`` (flwr-datasets partitioners).
-    alpha : Dirichlet concentration (smaller is more heterogeneous).
-    min_partition_size : Dirichlet resamples until every client has this many.
+    name : a bundled data set (``digits``, ``mnist5k``, ``fashion-mnist``,
+        ``breast-cancer``) or a site-file format (``csv``, ``parquet``, ``npz``,
+        ``idx``, ``images``): then each client reads its own file(s).
+    test_fraction : bundled data: share held out by the server for central
+        evaluation; no client ever trains on it.
+    val_fraction : share of each client's data kept for local validation.
+    partitioner : bundled data: ``iid``, ``dirichlet`` (``alpha``),
+        ``pathological`` (``classes_per_client``) or ``shard``
+        (``shards_per_client``), all flwr-datasets partitioners.
+    sites : site files, one client per entry (simulation over site files); a
+        deployed site names its own with ``data-path``/``data-format`` in its
+        node config instead.
+    test_path : site files: a held-out file the server evaluates on (optional).
+    label_column, features, labels, input_shape : the task schema shared by
+        server and clients (``clients.schema``); left empty, it is read from
+        the first site file once, by the server, and sent to every client.
+    preprocess : the ordered preprocessing steps (``clients.preprocess``).
     """
 
     name: str = "digits"
@@ -71,10 +83,19 @@ class DatasetConfig:
     partitioner: str = "iid"
     alpha: float = 0.5
     min_partition_size: int = 10
+    classes_per_client: int = 2
+    shards_per_client: int = 2
+    sites: Any = ()
+    test_path: str = ""
+    label_column: str = "label"
+    features: Any = ()
+    labels: Any = ()
+    input_shape: Any = ()
+    preprocess: Any = ()
 
     def __post_init__(self) -> None:
-        require(self.name in BUNDLED_DATASETS, "dataset.name", self.name,
-                 f"unknown data set; choose one of {list(BUNDLED_DATASETS)}")
+        require(self.name in BUNDLED_DATASETS + FILE_FORMATS, "dataset.name", self.name,
+                 f"unknown data set; choose one of {list(BUNDLED_DATASETS + FILE_FORMATS)}")
         require(0.0 < self.test_fraction < 1.0, "dataset.test_fraction",
                  self.test_fraction, "must be in (0, 1)")
         require(0.0 <= self.val_fraction < 1.0, "dataset.val_fraction",
@@ -84,6 +105,50 @@ class DatasetConfig:
         require(self.alpha > 0, "dataset.alpha", self.alpha, "must be > 0")
         require(self.min_partition_size >= 1, "dataset.min_partition_size",
                  self.min_partition_size, "must be >= 1")
+        require(self.classes_per_client >= 1, "dataset.classes_per_client",
+                 self.classes_per_client, "must be >= 1")
+        require(self.shards_per_client >= 1, "dataset.shards_per_client",
+                 self.shards_per_client, "must be >= 1")
+        object.__setattr__(self, "sites", _strings("dataset.sites", self.sites))
+        object.__setattr__(self, "features", _strings("dataset.features", self.features))
+        object.__setattr__(self, "labels", _tuple("dataset.labels", self.labels))
+        shape = _tuple("dataset.input_shape", self.input_shape)
+        require(all(isinstance(d, int) and d > 0 for d in shape), "dataset.input_shape",
+                self.input_shape, "must be a list of positive integers, e.g. [1, 28, 28]")
+        object.__setattr__(self, "input_shape", shape)
+        object.__setattr__(self, "preprocess", _steps(self.preprocess))
+
+    @property
+    def is_files(self) -> bool:
+        """Each client reads its own site file(s) (rather than a bundled partition)."""
+        return self.name in FILE_FORMATS
+
+
+def _tuple(key: str, value: Any) -> tuple[Any, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = json.loads(value) if value.startswith("[") else [value]
+    require(isinstance(value, (list, tuple)), key, value, "must be a list")
+    return tuple(value)
+
+
+def _strings(key: str, value: Any) -> tuple[str, ...]:
+    items = _tuple(key, value)
+    require(all(isinstance(v, str) and v for v in items), key, value,
+            "must be a list of non-empty strings")
+    return items
+
+
+def _steps(value: Any) -> tuple[dict[str, Any], ...]:
+    """``dataset.preprocess``: a list of ``{name: step, ...options}`` (JSON in a ConfigRecord)."""
+    if isinstance(value, str):
+        value = json.loads(value) if value else []
+    items = _tuple("dataset.preprocess", value)
+    for step in items:
+        ok = isinstance(step, Mapping) and isinstance(step.get("name"), str)
+        require(ok, "dataset.preprocess", step, "each step must be a mapping with a 'name'")
+    return tuple(dict(step) for step in items)
 
 
 @dataclass(frozen=True)
@@ -299,8 +364,11 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
             out.update(flatten(value, prefix=f"{key}."))
         elif isinstance(value, (bool, int, float, str)):
             out[key] = value
-        elif isinstance(value, tuple) and all(isinstance(v, float) for v in value):
+        elif isinstance(value, tuple) and value and all(isinstance(v, float) for v in value):
             out[key] = list(value)  # a ConfigRecord holds lists of floats
+        elif isinstance(value, tuple):
+            # Lists of strings, ints, mixed labels, step mappings: one JSON string.
+            out[key] = json.dumps(list(value))
     return out
 
 

@@ -17,16 +17,24 @@ from clients.config import ConfigError, ModelConfig
 
 __all__ = ["MODELS", "build_model", "check_dp_compatible"]
 
-Shape = tuple[int, int, int]
+Shape = tuple[int, ...]
+
+
+def _image_shape(shape: Shape, model: str) -> tuple[int, int, int]:
+    if len(shape) != 3:
+        raise ConfigError(f"model.name={model!r}: needs image input (C, H, W), got shape "
+                          f"{tuple(shape)}; use model=mlp for tabular data")
+    return int(shape[0]), int(shape[1]), int(shape[2])
 
 
 class MLP(nn.Module):
+    """Any input shape (images or tabular rows), flattened."""
+
     def __init__(self, shape: Shape, num_classes: int, cfg: ModelConfig) -> None:
         super().__init__()
-        c, h, w = shape
         self.net = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(c * h * w, cfg.hidden),
+            nn.Linear(math.prod(shape), cfg.hidden),
             nn.Tanh(),
             nn.Linear(cfg.hidden, num_classes),
         )
@@ -38,7 +46,7 @@ class MLP(nn.Module):
 class CNN(nn.Module):
     def __init__(self, shape: Shape, num_classes: int, cfg: ModelConfig) -> None:
         super().__init__()
-        c, h, w = shape
+        c, h, w = _image_shape(shape, "cnn")
         ch = cfg.channels
         self.features = nn.Sequential(
             nn.Conv2d(c, ch, 3, padding=1),
@@ -83,7 +91,7 @@ class Transformer(nn.Module):
 
     def __init__(self, shape: Shape, num_classes: int, cfg: ModelConfig) -> None:
         super().__init__()
-        c, h, w = shape
+        c, h, w = _image_shape(shape, "transformer")
         self.embed = nn.Linear(c * w, cfg.dim)
         self.pos = nn.Embedding(h, cfg.dim)
         self.blocks = nn.Sequential(*[_Block(cfg.dim, cfg.heads) for _ in range(cfg.layers)])

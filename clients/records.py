@@ -59,3 +59,38 @@ def config_record(content: RecordDict, key: str = "config") -> ConfigRecord:
 
 def metric_record(content: RecordDict, key: str = "metrics") -> MetricRecord:
     return _typed(content, key, MetricRecord)  # type: ignore[no-any-return]
+
+
+def charge_record(row: Any) -> ConfigRecord:
+    """A committed ledger row (``privacy.ledger.LedgerRow``) as a ConfigRecord for a reply.
+
+    The server mirrors the charge from it field by field (``charge_from_record``)
+    and cites the site's row by ``site#seq:hash``.
+    """
+    from dataclasses import asdict
+
+    content = {k: v for k, v in asdict(row.charge).items() if v is not None}
+    return ConfigRecord({**content, "seq": row.seq, "hash": row.hash})
+
+
+def charge_from_record(record: ConfigRecord, **override: Any) -> Any:
+    """The ``privacy.ledger.Charge`` a reply reports, validated (``LedgerError`` if bad).
+
+    ``override`` replaces fields the receiver decides itself (e.g. ``round``).
+    """
+    from dataclasses import fields
+
+    from privacy.ledger import Charge
+
+    names = [f.name for f in fields(Charge)]
+    missing = [n for n in ("run_id", "site", "level", "noise_multiplier", "clipping_norm",
+                           "sample_rate", "steps", "delta") if n not in record]
+    if missing:
+        raise RecordError(f"ledger record lacks {missing}")
+    values: dict[str, Any] = {n: record[n] for n in names if n in record}
+    values.update(override)
+    digest = record.get("hash")
+    if not isinstance(digest, str):
+        raise RecordError(f"hash={digest!r}: expected the site's row hash")
+    values["source"] = f"{values['site']}#{integer(record, 'seq')}:{digest}"
+    return Charge(**values)

@@ -12,9 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Message
+from flwr.app import Message
 
-from clients.records import RecordError, config_record, integer, metric_record, number
+from clients.records import (
+    RecordError,
+    charge_from_record,
+    config_record,
+    integer,
+    metric_record,
+    number,
+)
 from privacy import EpsilonMemo
 from privacy.ledger import Charge, Ledger, LedgerError
 
@@ -28,13 +35,6 @@ class MirroredRelease:
     charge: Charge
 
 
-def _text(record: ConfigRecord, key: str) -> str:
-    value = record.get(key)
-    if not isinstance(value, str) or not value:
-        raise RecordError(f"{key}={value!r}: expected a non-empty string")
-    return value
-
-
 class ServerLedger:
     def __init__(self, path: Path) -> None:
         self.ledger = Ledger.open(path)
@@ -44,21 +44,25 @@ class ServerLedger:
         self.ledger.close()
 
     def release_of(self, reply: Message, server_round: int) -> MirroredRelease:
-        """The release a trained reply reports (raises ``RecordError``/``LedgerError``)."""
-        met, info = metric_record(reply.content), config_record(reply.content, "ledger")
-        cap = number(met, "epsilon-cap")
-        charge = Charge(
-            run_id=_text(info, "run-id"), round=server_round, site=_text(info, "site"),
-            level="sample", noise_multiplier=number(met, "noise_multiplier"),
-            clipping_norm=number(met, "max_grad_norm"), sample_rate=number(met, "sample_rate"),
-            steps=integer(met, "steps"), delta=number(met, "delta"),
-            sampling=_text(info, "sampling"), relation=_text(info, "relation"),
-            noise_generator=_text(info, "noise-generator"),
-            num_records=integer(met, "num-examples"), epsilon_cap=cap if cap > 0 else None,
-            epsilon_reported=number(met, "epsilon"), accountant=_text(info, "accountant"),
-            source=f"{_text(info, 'site')}#{integer(info, 'seq')}:{_text(info, 'hash')}",
-        )
-        return MirroredRelease(charge.site, integer(met, "client"), charge)
+        """The release a reply reports (raises ``RecordError``/``LedgerError``).
+
+        The charge comes from the reply's ``ledger`` record; the round is the
+        server's own, and a sample-level charge must agree with the metrics the
+        reply is aggregated by.
+        """
+        info = config_record(reply.content, "ledger")
+        charge = charge_from_record(info, round=server_round)
+        client = -1
+        if "metrics" in reply.content:
+            met = metric_record(reply.content)
+            client = integer(met, "client")
+            if charge.level == "sample":
+                for key, field in (("noise_multiplier", "noise_multiplier"),
+                                   ("sample_rate", "sample_rate"), ("steps", "steps")):
+                    if number(met, key) != float(getattr(charge, field)):
+                        raise RecordError(f"metrics {key}={met[key]!r} but the ledger charge "
+                                          f"says {getattr(charge, field)!r}")
+        return MirroredRelease(charge.site, client, charge)
 
     def mirror(self, replies: list[Message], server_round: int
                ) -> tuple[list[Message], list[dict[str, Any]]]:
@@ -75,11 +79,11 @@ class ServerLedger:
             kept.append(reply)
         return kept, rejected
 
-    def per_site(self, delta: float, accountant: str) -> dict[str, float]:
-        """Each site's cumulative sample-level ε in this ledger: max(recomputed, reported)."""
+    def per_site(self, delta: float, accountant: str, level: str = "sample") -> dict[str, float]:
+        """Each site's cumulative ε at ``level`` in this ledger: max(recomputed, reported)."""
         out: dict[str, float] = {}
         by_site: dict[str, list[Charge]] = {}
-        for row in self.ledger.rows(level="sample"):
+        for row in self.ledger.rows(level=level):
             by_site.setdefault(row.charge.site, []).append(row.charge)
         for site, charges in sorted(by_site.items()):
             recomputed = self._epsilon([c.release() for c in charges], delta, accountant)

@@ -11,13 +11,19 @@ from privacy import epsilon
 from server.ledger import ServerLedger
 
 
-def _reply(node, *, sigma=1.2, q=0.25, steps=4, eps=None, site=None, drop=None):
+def _reply(node, *, sigma=1.2, q=0.25, steps=4, eps=None, site=None, drop=None, lie_steps=None):
     metrics = {"num-examples": 431, "client": node, "noise_multiplier": sigma,
                "sample_rate": q, "steps": steps, "delta": 1e-5, "max_grad_norm": 1.0,
                "epsilon": eps if eps is not None else 1.0, "epsilon-cap": -1.0}
-    info = {"site": site or f"client-{node}", "hash": "ab" * 32, "seq": 1, "run-id": "7",
-            "noise-generator": "torch-mt19937: test", "sampling": "poisson",
-            "relation": "add_remove", "accountant": "rdp"}
+    # The site's committed charge, as clients.records.charge_record sends it.
+    info = {"site": site or f"client-{node}", "hash": "ab" * 32, "seq": 1, "run_id": "7",
+            "round": 1, "level": "sample", "noise_multiplier": sigma, "clipping_norm": 1.0,
+            "sample_rate": q, "steps": steps, "delta": 1e-5,
+            "noise_generator": "torch-mt19937: test", "sampling": "poisson",
+            "relation": "add_remove", "accountant": "rdp", "num_records": 431,
+            "epsilon_reported": metrics["epsilon"]}
+    if lie_steps is not None:  # the ledger row says fewer steps than were trained
+        info["steps"] = lie_steps
     content = {"metrics": MetricRecord(metrics), "ledger": ConfigRecord(info)}
     if drop:
         del content[drop]
@@ -36,16 +42,18 @@ def ledger(tmp_path):
 
 def test_good_reports_are_mirrored_and_bad_ones_rejected_with_the_reason(ledger):
     # Prepare: one honest reply and three that cannot be charged.
-    replies = [_reply(1), _reply(2, sigma=0.0), _reply(3, eps=math.nan), _reply(4, drop="ledger")]
+    replies = [_reply(1), _reply(2, sigma=0.0), _reply(3, eps=math.nan), _reply(4, drop="ledger"),
+               _reply(5, lie_steps=1)]
 
     kept, rejected = ledger.mirror(replies, server_round=1)
 
     assert [m.metadata.src_node_id for m in kept] == [1]
     reasons = {r["node_id"]: r["reason"] for r in rejected}
-    assert set(reasons) == {2, 3, 4}
+    assert set(reasons) == {2, 3, 4, 5}
     assert "noise_multiplier=0.0" in reasons[2]
     assert "epsilon_reported=nan" in reasons[3]
     assert "ledger" in reasons[4]
+    assert "steps=4" in reasons[5] and "says 1" in reasons[5]
     rows = ledger.ledger.rows()
     assert len(rows) == 1 and rows[0].charge.site == "client-1"
     assert rows[0].charge.source == "client-1#1:" + "ab" * 32

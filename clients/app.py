@@ -21,10 +21,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.charging import Caps, Refusal, caps_of, charge
 from clients.config import ClientTask, ConfigError, from_flat
 from clients.data import ArrayData, client_partition
 from clients.models import build_model
-from clients.noise import describe_noise_generator
 from clients.records import array_record, charge_record, config_record, integer, number
 from clients.state import Site, run_history, site_history, site_of
 from clients.train import dp_train_round, pick_device, predict
@@ -32,11 +32,10 @@ from privacy import (
     GaussianRelease,
     calibrate_noise_multiplier,
     compress,
-    epsilon,
     planned_poisson_schedule,
 )
-from privacy.budget import BudgetCheck, check_budget, effective_cap
-from privacy.ledger import Charge, LedgerRow
+from privacy.budget import check_budget
+from privacy.ledger import LedgerRow
 
 __all__ = ["app", "ClientFailure", "derive_seed"]
 
@@ -76,13 +75,18 @@ def _model(task: ClientTask, data: ArrayData, arrays: ArrayRecord) -> torch.nn.M
     return model
 
 
-def _sigma(task: ClientTask, known: float | None, q: float, total_steps: int) -> float:
-    """This run's σ: read back from its first charge, else calibrated for the whole schedule."""
+def _sigma(task: ClientTask, known: float | None, q: float, total_steps: int,
+           prior: list[GaussianRelease]) -> float:
+    """This run's σ: read back from its first charge, else calibrated for the whole schedule.
+
+    ``prior``: this run's earlier releases at other levels (the statistics
+    round), composed in so that the site's total stays within the target.
+    """
     if known is not None:
         return known
     return calibrate_noise_multiplier(
         target_epsilon=task.privacy.target_epsilon, delta=task.privacy.delta,
-        sample_rate=q, steps=total_steps, accountant=task.privacy.accountant,
+        sample_rate=q, steps=total_steps, accountant=task.privacy.accountant, prior=prior,
     )
 
 
@@ -94,14 +98,18 @@ class _Plan:
     planned: GaussianRelease
     run_history: list[GaussianRelease]
     lifetime: list[GaussianRelease]
-    cap: float | None
-    binding: str  # which cap is the tightest: "site" or "global"
-    epsilon_run: float  # this run's ε at the site after the round (reported)
+    caps: Caps
     charge: LedgerRow
 
+    @property
+    def epsilon_run(self) -> float:
+        """This run's sample-level ε at the site after the round (what it reports)."""
+        return float(self.charge.charge.epsilon_reported or 0.0)
 
-def _decline(msg: Message, site: Site, check: BudgetCheck, binding: str) -> Message:
+
+def _decline(msg: Message, site: Site, refusal: Refusal) -> Message:
     """The structured reply of a site whose budget cannot pay for this round."""
+    check = refusal.check
     metrics = MetricRecord({
         "client": site.partition_id, "declined": 1, "num-examples": 0,
         "epsilon-spent": check.spent if check.spent is not None else -1.0,
@@ -109,43 +117,31 @@ def _decline(msg: Message, site: Site, check: BudgetCheck, binding: str) -> Mess
         "epsilon-cap": check.cap if check.cap is not None else -1.0,
     })
     status = ConfigRecord({"status": "budget_exhausted", "site": site.name,
-                           "binding-cap": binding, "reason": check.explain()})
+                           "binding-cap": refusal.binding, "reason": check.explain()})
     return Message(RecordDict({"metrics": metrics, "status": status}), reply_to=msg)
 
 
 def _plan_and_charge(task: ClientTask, site: Site, run_id: str, server_round: int,
-                     n: int) -> _Plan | tuple[BudgetCheck, str]:
-    """Check the site's cap, then commit this round's charge to its ledger.
-
-    Returns the plan, or ``(check, binding cap)`` when the round would cross a
-    cap (nothing is charged then).
-    """
+                     n: int) -> _Plan | Refusal:
+    """Check the site's cap, then commit this round's DP-SGD charge to its ledger."""
     pc, tc = task.privacy, task.train
     q, per_round, total = planned_poisson_schedule(
         num_samples=n, batch_size=tc.batch_size, local_epochs=tc.local_epochs,
         rounds=tc.rounds)
-    site_cap = effective_cap(site.epsilon_cap, pc.site_cap(site.partition_id))
-    cap = effective_cap(site_cap, pc.epsilon_cap)
-    binding = "global" if pc.epsilon_cap is not None and (
-        site_cap is None or pc.epsilon_cap < site_cap) else "site"
+    caps = caps_of(site, pc)
     with site.ledger() as ledger:
         known_sigma, run_hist = run_history(ledger, run_id, site.name)
-        sigma = _sigma(task, known_sigma, q, total)
+        other_levels = [r.charge.release() for r in ledger.rows(run_id=run_id, site=site.name)
+                        if r.charge.level != "sample"]
+        sigma = _sigma(task, known_sigma, q, total, other_levels)
         planned = GaussianRelease(sigma, q, per_round)
         lifetime = site_history(ledger, site.name)
-        check = check_budget(spent=lifetime, planned=[planned], cap=cap, delta=pc.delta,
-                             accountant=pc.accountant)
-        if not check.allowed:
-            return check, binding
-        eps_run = check.after if lifetime == run_hist else epsilon(
-            history=[*run_hist, planned], delta=pc.delta, accountant=pc.accountant)
-        row = ledger.append(Charge(
-            run_id=run_id, round=server_round, site=site.name, level="sample",
-            noise_multiplier=sigma, clipping_norm=pc.max_grad_norm, sample_rate=q,
-            steps=per_round, delta=pc.delta, sampling="poisson", relation="add_remove",
-            noise_generator=describe_noise_generator(pc.noise_generator), num_records=n,
-            epsilon_cap=cap, epsilon_reported=eps_run, accountant=pc.accountant))
-    return _Plan(sigma, planned, run_hist, lifetime, cap, binding, eps_run, row)
+        row = charge(ledger, site=site, pc=pc, caps=caps, run_id=run_id,
+                     server_round=server_round, level="sample", release=planned,
+                     clipping_norm=pc.max_grad_norm, num_records=n)
+    if isinstance(row, Refusal):
+        return row
+    return _Plan(sigma, planned, run_hist, lifetime, caps, row)
 
 
 @app.train()
@@ -168,8 +164,8 @@ def train(msg: Message, context: Context) -> Message:
         train_data, _, device = _load(task, site)
         pc = task.privacy
         plan = _plan_and_charge(task, site, str(context.run_id), server_round, len(train_data))
-        if not isinstance(plan, _Plan):
-            return _decline(msg, site, *plan)
+        if isinstance(plan, Refusal):
+            return _decline(msg, site, plan)
         # Charged and committed: from here a crash over-counts, never under-counts.
         model = _model(task, train_data, array_record(msg.content))
         torch.set_num_threads(max(1, integer(config, "num-threads")))
@@ -202,8 +198,8 @@ def _check_charged(plan: _Plan, history: list[tuple[float, float, int]]) -> None
 def _reply(msg: Message, site: Site, task: ClientTask, plan: _Plan, n: int, train_loss: float,
            arrays: ArrayRecord) -> Message:
     pc = task.privacy
-    next_round = None if plan.cap is None else check_budget(
-        spent=[*plan.lifetime, plan.planned], planned=[plan.planned], cap=plan.cap,
+    next_round = None if plan.caps.cap is None else check_budget(
+        spent=[*plan.lifetime, plan.planned], planned=[plan.planned], cap=plan.caps.cap,
         delta=pc.delta, accountant=pc.accountant)
     metrics = MetricRecord({
         "num-examples": n,
@@ -216,11 +212,11 @@ def _reply(msg: Message, site: Site, task: ClientTask, plan: _Plan, n: int, trai
         "steps": plan.planned.steps,
         "total_steps": sum(r.steps for r in plan.run_history) + plan.planned.steps,
         "max_grad_norm": pc.max_grad_norm,
-        "epsilon-cap": plan.cap if plan.cap is not None else -1.0,
+        "epsilon-cap": plan.caps.cap if plan.caps.cap is not None else -1.0,
         "can-afford-next": int(next_round is None or next_round.allowed),
     })
     ledger_info = charge_record(plan.charge)
-    ledger_info["binding-cap"] = plan.binding
+    ledger_info["binding-cap"] = plan.caps.binding
     return Message(RecordDict({"arrays": arrays, "metrics": metrics, "ledger": ledger_info}),
                    reply_to=msg)
 

@@ -121,11 +121,15 @@ def calibrate_noise_multiplier(
     sample_rate: float,
     steps: int,
     accountant: str = "rdp",
+    prior: Sequence[GaussianRelease | Sequence[Any]] = (),
 ) -> float:
     """Smallest σ (to a tolerance) whose ε after ``steps`` is at most the target.
 
-    Binary search by Opacus' ``get_noise_multiplier``; the returned σ always
-    gives ε ≤ ``target_epsilon`` for the whole planned schedule.
+    ``prior`` releases (e.g. a federated-statistics release made before
+    training) are composed in, so that the total stays within the target.
+    Without them this is Opacus' ``get_noise_multiplier``; with them, the same
+    bisection on σ over the whole history. The returned σ always gives
+    ε ≤ ``target_epsilon``.
     """
     from opacus.accountants.utils import get_noise_multiplier
 
@@ -133,27 +137,48 @@ def calibrate_noise_multiplier(
         raise ValueError(f"target_epsilon={target_epsilon}: must be > 0")
     if not 0 < delta < 1:
         raise ValueError(f"delta={delta}: must be in (0, 1)")
-    if target_epsilon < 1.0:
+    prior = list(prior)
+
+    def eps_at(sigma: float) -> float:
+        return epsilon(history=[*prior, (sigma, sample_rate, steps)], delta=delta,
+                       accountant=accountant)
+
+    if target_epsilon < 1.0 or prior:
         # The RDP -> (ε, δ) conversion has a floor (about 0.1 at δ = 1e-5), and Opacus'
         # search takes minutes to find that out; ask once, at a σ no useful run exceeds.
-        floor = epsilon(history=[(MAX_USEFUL_SIGMA, sample_rate, steps)], delta=delta,
-                        accountant=accountant)
+        floor = eps_at(MAX_USEFUL_SIGMA)
         if floor > target_epsilon:
+            spent = " (with the prior releases)" if prior else ""
             raise ValueError(
                 f"target_epsilon={target_epsilon}: unreachable with the {accountant} "
-                f"accountant at delta={delta}; even noise_multiplier={MAX_USEFUL_SIGMA:g} "
-                f"gives epsilon={floor:.4f}"
+                f"accountant at delta={delta}{spent}; even noise_multiplier="
+                f"{MAX_USEFUL_SIGMA:g} gives epsilon={floor:.4f}"
             )
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
-            epsilon_tolerance=0.005,
+    if not prior:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
+                epsilon_tolerance=0.005,
+            )
         )
-    )
+    low, high = 0.0, 10.0
+    while eps_at(high) > target_epsilon:
+        low, high = high, min(2 * high, MAX_USEFUL_SIGMA)
+    while True:
+        mid = (low + high) / 2
+        eps = eps_at(mid) if mid > 0 else math.inf
+        if eps > target_epsilon:
+            low = mid
+        else:
+            high = mid
+            if target_epsilon - eps < 0.005:
+                return float(high)
+        if high - low < 1e-4:
+            return float(high)
 
 
 def _release(item: GaussianRelease | Sequence[Any]) -> GaussianRelease | None:

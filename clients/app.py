@@ -17,15 +17,33 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.charging import Caps, Refusal, caps_of, charge
 from clients.config import ClientTask, ConfigError, from_flat
-from clients.data import ArrayData, client_partition
+from clients.data import ArrayData
 from clients.models import build_model
-from clients.records import array_record, charge_record, config_record, integer, number
+from clients.noise import secure_gaussian
+from clients.preprocess import STATISTICS_SENSITIVITY, local_statistics
+from clients.records import (
+    array_record,
+    charge_record,
+    config_record,
+    integer,
+    number,
+    numbers,
+)
+from clients.sitedata import (
+    STATS_MEAN_KEY,
+    STATS_STD_KEY,
+    SiteData,
+    cleaned_features,
+    load_site_data,
+    statistics_step,
+)
 from clients.state import Site, run_history, site_history, site_of
 from clients.train import dp_train_round, pick_device, predict
 from privacy import (
@@ -62,10 +80,15 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def _load(task: ClientTask, site: Site) -> tuple[ArrayData, ArrayData, torch.device]:
-    train, val = client_partition(task.dataset, site.partition_id, site.num_partitions,
-                                  task.train.seed)
-    return train, val, pick_device(site.device)
+def _load(task: ClientTask, site: Site, context: Context,
+          config: ConfigRecord) -> tuple[SiteData, torch.device]:
+    stats = None
+    if STATS_MEAN_KEY in config:
+        stats = (numbers(config, STATS_MEAN_KEY), numbers(config, STATS_STD_KEY))
+    data = load_site_data(task.dataset, node_config=context.node_config,
+                          partition_id=site.partition_id, num_partitions=site.num_partitions,
+                          seed=task.train.seed, state_dir=site.state_dir, stats=stats)
+    return data, pick_device(site.device)
 
 
 def _model(task: ClientTask, data: ArrayData, arrays: ArrayRecord) -> torch.nn.Module:
@@ -161,7 +184,8 @@ def train(msg: Message, context: Context) -> Message:
                 "this client's noise was calibrated for"
             )
         site = site_of(context, config)
-        train_data, _, device = _load(task, site)
+        data, device = _load(task, site, context, config)
+        train_data = data.train
         pc = task.privacy
         plan = _plan_and_charge(task, site, str(context.run_id), server_round, len(train_data))
         if isinstance(plan, Refusal):
@@ -178,7 +202,7 @@ def train(msg: Message, context: Context) -> Message:
             # never reuses noise (reused noise cancels out of a difference).
             seed=derive_seed(task.train.seed, server_round, site.partition_id, plan.charge.seq),
             device=device,
-            noise_generator=pc.noise_generator,
+            noise_generator=pc.noise_generator, augment=data.augment,
         )
         _check_charged(plan, result.history)
         return _reply(msg, site, task, plan, len(train_data), result.train_loss,
@@ -226,8 +250,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this client's local validation split."""
     with _report_failures(context.node_config.get("partition-id", "?")):
         task = from_flat(ClientTask, dict(config_record(msg.content)))
-        site = site_of(context, config_record(msg.content))
-        _, val, device = _load(task, site)
+        config = config_record(msg.content)
+        site = site_of(context, config)
+        data, device = _load(task, site, context, config)
+        val = data.val
         model = _model(task, val, array_record(msg.content))
         probs = predict(model, val, device)
         correct = float((probs.argmax(1) == val.y).sum()) if len(val) else 0.0
@@ -239,3 +265,42 @@ def evaluate(msg: Message, context: Context) -> Message:
             "loss": float(nll.mean()) if len(val) else 0.0,
         })
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """The statistics round: clipped, Gaussian-noised feature sums of this site's data.
+
+    Charged (level ``statistics``) before the sums leave, like any release;
+    declined, like a training round, when the site's cap cannot pay for it.
+    """
+    with _report_failures(context.node_config.get("partition-id", "?")):
+        config = config_record(msg.content)
+        task = from_flat(ClientTask, dict(config))
+        step = statistics_step(task.dataset)
+        if step is None:
+            raise ConfigError("statistics query, but dataset.preprocess has no "
+                              "normalize step with mode=federated")
+        site = site_of(context, config)
+        x, n = cleaned_features(task.dataset, node_config=context.node_config,
+                                partition_id=site.partition_id,
+                                num_partitions=site.num_partitions, seed=task.train.seed)
+        pc = task.privacy
+        sigma, clip = float(step["noise_multiplier"]), float(step["clip"])
+        release = GaussianRelease(sigma, 1.0, 1, sampling="none")
+        with site.ledger() as ledger:
+            row = charge(ledger, site=site, pc=pc, caps=caps_of(site, pc),
+                         run_id=str(context.run_id), server_round=0, level="statistics",
+                         release=release, clipping_norm=STATISTICS_SENSITIVITY, num_records=n)
+        if isinstance(row, Refusal):
+            return _decline(msg, site, row)
+        if pc.noise_generator == "secure":
+            stats = local_statistics(x, clip=clip, noise_multiplier=sigma, rng=None,
+                                     noise=lambda shape, std: secure_gaussian(
+                                         shape, std, dtype=torch.float64).numpy())
+        else:
+            seed = derive_seed(task.train.seed, 0, site.partition_id, row.seq)
+            stats = local_statistics(x, clip=clip, noise_multiplier=sigma,
+                                     rng=np.random.default_rng(seed))
+        return Message(RecordDict({"statistics": ConfigRecord(dict(stats.to_lists())),  # type: ignore[arg-type]
+                                   "ledger": charge_record(row)}), reply_to=msg)

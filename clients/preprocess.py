@@ -251,7 +251,8 @@ class Normalize:
             raise PreprocessError("mode federated needs clip (> 0), the L2 clipping norm of a "
                                   "record's contribution to the statistics")
         if self.mode == "schema" and self.mean is None:
-            raise PreprocessError("mode schema needs mean and std (one value per feature/channel)")
+            raise PreprocessError("mode schema needs mean and std (one value per feature/channel, "
+                                  "or one value for all)")
         if self.mode == "none" and self.mean is not None:
             raise PreprocessError(f"mean={self.mean}: mode none takes no mean or std")
 
@@ -275,13 +276,17 @@ class Normalize:
             raise PreprocessError("normalize mode federated: the statistics round has not "
                                   "happened; call with_statistics(mean, std) first")
         dim = _per_feature(x).shape[1]
-        if len(self.mean) != dim:
+        mean, std_ = np.asarray(self.mean), np.asarray(self.std)
+        if len(self.mean) == 1 and self.mode == "schema":
+            # One constant for every feature/channel, e.g. pixels [0, 1] -> [-1, 1].
+            mean, std_ = np.full(dim, mean[0]), np.full(dim, std_[0])
+        elif len(self.mean) != dim:
             what = "features" if x.ndim == 2 else "channels"
             raise PreprocessError(f"normalize: {len(self.mean)} mean/std values for data with "
                                   f"{dim} {what}")
         shape = (1, dim) + (1,) * (x.ndim - 2)
-        std = np.maximum(np.asarray(self.std), self.min_std)
-        return (x - np.asarray(self.mean).reshape(shape)) / std.reshape(shape)
+        std = np.maximum(std_, self.min_std)
+        return (x - mean.reshape(shape)) / std.reshape(shape)
 
 
 # ----------------------------------------------------------------------------- statistics

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from clients.config import ClientTask
 from clients.data import ArrayData
+from clients.preprocess import Augment
 from privacy import Release
 
 __all__ = ["RoundResult", "dp_train_round", "predict", "pick_device"]
@@ -46,13 +47,20 @@ def _tensors(data: ArrayData) -> TensorDataset:
 
 
 def _make_private(model: nn.Module, data: ArrayData, task: ClientTask, *, lr: float,
-                  noise_multiplier: float, history: list[Release], seed: int) -> tuple:
+                  noise_multiplier: float, history: list[Release], seed: int,
+                  augment: Augment | None = None) -> tuple:
     """Opacus' engine with its accountant loaded with the whole history."""
     from opacus import PrivacyEngine
 
     pcfg, tcfg = task.privacy, task.train
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(_tensors(data), batch_size=tcfg.batch_size, generator=generator)
+    dataset: Dataset = _tensors(data)
+    if augment is not None and not augment.is_identity:
+        # Per-sample augmentation inside the dataset: each record still yields one
+        # clipped gradient per step, so the Poisson accounting is unchanged.
+        dataset = augment.dataset(torch.from_numpy(data.x), torch.from_numpy(data.y),
+                                  generator=torch.Generator().manual_seed(seed + 1))
+    loader = DataLoader(dataset, batch_size=tcfg.batch_size, generator=generator)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=tcfg.momentum,
                                 weight_decay=tcfg.weight_decay)
     criterion = nn.CrossEntropyLoss()
@@ -83,6 +91,7 @@ def dp_train_round(
     seed: int,
     device: torch.device,
     noise_generator: str = "torch",
+    augment: Augment | None = None,
 ) -> RoundResult:
     """Train ``model`` in place for ``task.train.local_epochs`` epochs of DP-SGD.
 
@@ -103,7 +112,7 @@ def dp_train_round(
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         engine, dp_model, dp_opt, dp_crit, dp_loader = _make_private(
             model, data, task, lr=lr, noise_multiplier=noise_multiplier, history=history,
-            seed=seed)
+            seed=seed, augment=augment)
         generator = use_noise_generator(dp_opt, noise_generator)
         for _ in range(task.train.local_epochs):
             for xb, yb in dp_loader:

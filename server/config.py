@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from clients.config import (
     ClientTask,
+    ConfigError,
     DatasetConfig,
     ModelConfig,
     PrivacyConfig,
@@ -117,17 +119,64 @@ class RunConfig:
 
 
 def load_run_config(data: Mapping[str, Any]) -> RunConfig:
-    """Build and validate a :class:`RunConfig` from a plain nested mapping."""
+    """Build and validate a :class:`RunConfig` from a plain nested mapping.
+
+    Site files: every listed file must exist, one client runs per file
+    (``simulation.num_clients`` follows ``dataset.sites``), and a schema left
+    empty is read once from the first file, so that every site validates its
+    data against the same one.
+    """
+    data = _with_site_files(dict(data))
     cfg = build(RunConfig, data)
     _check_models(cfg)
     return cfg
 
 
+def _with_site_files(data: dict[str, Any]) -> dict[str, Any]:
+    from clients.config import FILE_FORMATS
+
+    ds = dict(data.get("dataset") or {})
+    if ds.get("name") not in FILE_FORMATS:
+        return data
+    sites = list(ds.get("sites") or [])
+    require(bool(sites), "dataset.sites", sites,
+            "list one site file per client, e.g. dataset.sites='[a.csv,b.csv]'")
+    for path in [*sites, *([ds["test_path"]] if ds.get("test_path") else [])]:
+        require(Path(str(path)).expanduser().exists(), "dataset.sites", path,
+                "no such file or directory")
+    if not ds.get("labels") or not (ds.get("features") or ds.get("input_shape")):
+        ds.update(_inferred_schema(ds, str(sites[0])))
+    sim = dict(data.get("simulation") or {})
+    sim["num_clients"] = len(sites)
+    return {**data, "dataset": ds, "simulation": sim}
+
+
+def _inferred_schema(ds: Mapping[str, Any], first: str) -> dict[str, Any]:
+    from clients.loaders import LoaderError, infer_schema
+
+    try:
+        schema = infer_schema(first, str(ds["name"]), label_column=str(ds.get("label_column",
+                                                                              "label")),
+                              labels=list(ds["labels"]) if ds.get("labels") else None)
+    except LoaderError as ex:
+        raise ConfigError(f"dataset.sites[0]={first!r}: cannot read a schema from it: "
+                          f"{ex}") from ex
+    if schema.kind == "image":
+        return {"labels": list(schema.labels), "input_shape": list(schema.input_shape),
+                "features": []}
+    return {"labels": list(schema.labels), "features": list(schema.features), "input_shape": []}
+
+
 def _check_models(cfg: RunConfig) -> None:
     """The model must exist and pass Opacus' ModuleValidator before round 1."""
-    from clients.data import load_bundled
     from clients.models import build_model, check_dp_compatible
+    from clients.sitedata import input_shape_of, task_schema
 
-    data = load_bundled(cfg.dataset.name)
-    model = build_model(cfg.model, tuple(data.x.shape[1:]), data.num_classes)  # type: ignore[arg-type]
+    if cfg.dataset.is_files:
+        try:
+            task_schema(cfg.dataset)
+        except ValueError as ex:
+            raise ConfigError(f"dataset schema: {ex}") from ex
+    shape, num_classes = input_shape_of(cfg.dataset)
+    model = build_model(cfg.model, shape, num_classes)
     check_dp_compatible(model, cfg.model.name)

@@ -79,11 +79,14 @@ class ServerLedger:
             kept.append(reply)
         return kept, rejected
 
-    def per_site(self, delta: float, accountant: str, level: str = "sample") -> dict[str, float]:
-        """Each site's cumulative ε at ``level`` in this ledger: max(recomputed, reported)."""
+    def per_site(self, delta: float, accountant: str,
+                 level: str | None = "sample") -> dict[str, float]:
+        """Each site's cumulative ε at ``level`` (``None``: all levels composed) in this
+        ledger: the larger of the recomputation and what the site claimed."""
         out: dict[str, float] = {}
         by_site: dict[str, list[Charge]] = {}
-        for row in self.ledger.rows(level=level):
+        rows = self.ledger.rows(level=level) if level else self.ledger.rows()
+        for row in rows:
             by_site.setdefault(row.charge.site, []).append(row.charge)
         for site, charges in sorted(by_site.items()):
             recomputed = self._epsilon([c.release() for c in charges], delta, accountant)

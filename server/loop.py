@@ -19,9 +19,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from clients.config import TrainConfig, flatten
-from clients.data import ArrayData, server_test_split
+from clients.data import ArrayData
 from clients.models import build_model
 from clients.records import config_record, integer, metric_record, number
+from clients.sitedata import (
+    STATS_MEAN_KEY,
+    STATS_STD_KEY,
+    input_shape_of,
+    server_test_data,
+    statistics_step,
+)
 from clients.state import STATE_ROOT_KEY
 from clients.train import pick_device, predict
 from server.config import RunConfig
@@ -29,6 +36,7 @@ from server.console import RoundReporter
 from server.evaluation import classification_metrics
 from server.ledger import ServerLedger
 from server.rundir import RunDir
+from server.statistics import federated_statistics
 from strategies import STRATEGY_BUILDERS
 from strategies.budget import BudgetAwareSelection
 
@@ -111,6 +119,7 @@ class _Outcome:
     detail: str = ""
     rounds_completed: int = 0
     rejected: int = 0
+    statistics: dict[str, Any] | None = None
 
 
 def _stop_before_round(budget: BudgetAwareSelection, grid: Grid, cfg: RunConfig) -> str | None:
@@ -132,9 +141,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
     declines because the global ε cap would be crossed (``stop_reason``).
     """
     t0 = time.perf_counter()
-    _, test = server_test_split(cfg.dataset, cfg.train.seed)
-    shape = tuple(test.x.shape[1:])
-    model = build_model(cfg.model, shape, test.num_classes, seed=cfg.train.seed)  # type: ignore[arg-type]
+    shape, num_classes = input_shape_of(cfg.dataset)
+    model = build_model(cfg.model, shape, num_classes, seed=cfg.train.seed)
     device = pick_device()
     arrays = ArrayRecord(model.state_dict())
     s = cfg.strategy
@@ -151,6 +159,16 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
     smoothed: dict[str, torch.Tensor] | None = None
     outcome = _Outcome()
     try:
+        stats = None
+        if statistics_step(cfg.dataset) is not None:
+            mean, std, rejected = federated_statistics(
+                grid, task, num_clients=cfg.simulation.num_clients, ledger=ledger, send=_send,
+                timeout=s.round_timeout)
+            task.update({STATS_MEAN_KEY: mean, STATS_STD_KEY: std})
+            stats = (mean, std)
+            outcome.statistics = {"mean": mean, "std": std, "rejected": rejected}
+            outcome.rejected += len(rejected)
+        test = server_test_data(cfg.dataset, cfg.train.seed, stats)
         with reporter:
             for rnd in range(1, cfg.train.rounds + 1):
                 why = _stop_before_round(budget, grid, cfg)
@@ -189,7 +207,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
                     # The weighted mean of client ids is meaningless: drop it.
                     fed_eval = {k: v for k, v in agg.items() if k != "client"} if agg else None
                 smoothed = _ema(smoothed, arrays.to_torch_state_dict(), s.ema)
-                central = _central(model, smoothed, test, device)
+                central = _central(model, smoothed, test, device) if test is not None else {}
                 eps_max = max(ledger.per_site(pc.delta, pc.accountant).values(), default=0.0)
                 record = {
                     "round": rnd, "lr": lr, "central": central, "clients": _client_rows(trained),
@@ -238,6 +256,10 @@ def _summary(cfg: RunConfig, central: dict[str, Any], ledger: ServerLedger, outc
         "target_epsilon": cfg.privacy.target_epsilon,
         "epsilon_sample_level_max": max(per_client.values(), default=0.0),
         "epsilon_per_client": per_client,
+        # Every release that touched a site's records (sample + statistics levels).
+        "epsilon_total_per_client": ledger.per_site(cfg.privacy.delta, cfg.privacy.accountant,
+                                                    level=None),
+        "federated_statistics": outcome.statistics,
         "epsilon_caps": ledger.caps(),
         "updates_rejected": outcome.rejected,
         "accountant": f"opacus-{cfg.privacy.accountant}",

@@ -10,6 +10,8 @@ commands:
   simulate [HYDRA OVERRIDES…]   run a local federated simulation (Flower + Ray)
                                 e.g. fedpriv simulate train.rounds=5 model=cnn
                                      fedpriv simulate --multirun privacy.target_epsilon=1,3,8
+  export-sites --dataset D --format csv|parquet|npz --clients N --out DIR
+                                write a bundled data set out as one file per site
   audit RUN_DIR [--delta D] [--format md|html|json] [--out PATH]
                                 verify a run's privacy ledger and recompute every epsilon
 """
@@ -32,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fedpriv: run failed: {ex}", file=sys.stderr)
             return 1
         return 0
+    if command == "export-sites":
+        from simulations.export import main as export_main
+
+        return export_main(rest)
     if command == "audit":
         from server.audit import main as audit_main
 

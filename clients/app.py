@@ -25,9 +25,10 @@ from flwr.clientapp import ClientApp
 from clients.charging import Caps, Refusal, caps_of, charge
 from clients.config import ClientTask, ConfigError, from_flat
 from clients.data import ArrayData
+from clients.loaders import LoaderError
 from clients.models import build_model
 from clients.noise import secure_gaussian
-from clients.preprocess import STATISTICS_SENSITIVITY, local_statistics
+from clients.preprocess import STATISTICS_SENSITIVITY, PreprocessError, local_statistics
 from clients.records import (
     array_record,
     charge_record,
@@ -36,6 +37,7 @@ from clients.records import (
     number,
     numbers,
 )
+from clients.schema import SchemaError
 from clients.sitedata import (
     STATS_MEAN_KEY,
     STATS_STD_KEY,
@@ -144,6 +146,23 @@ def _decline(msg: Message, site: Site, refusal: Refusal) -> Message:
     return Message(RecordDict({"metrics": metrics, "status": status}), reply_to=msg)
 
 
+def _data_error(msg: Message, site: Site, ex: Exception) -> Message:
+    """The structured reply of a site whose data failed to load or validate.
+
+    The round goes on without it; the server logs the site and the reason. The
+    reason names the file and the problem, never a record's content.
+    """
+    status = ConfigRecord({"status": "data_error", "site": site.name,
+                           "reason": f"{type(ex).__name__}: {ex}"})
+    metrics = MetricRecord({"client": site.partition_id, "declined": 1, "num-examples": 0})
+    return Message(RecordDict({"metrics": metrics, "status": status}), reply_to=msg)
+
+
+# What a site's own data can get wrong (a missing or corrupt file, a wrong schema,
+# nothing left after cleaning): answered with a data_error reply, not a crash.
+DATA_ERRORS: tuple[type[Exception], ...] = (LoaderError, PreprocessError, SchemaError)
+
+
 def _plan_and_charge(task: ClientTask, site: Site, run_id: str, server_round: int,
                      n: int) -> _Plan | Refusal:
     """Check the site's cap, then commit this round's DP-SGD charge to its ledger."""
@@ -184,7 +203,10 @@ def train(msg: Message, context: Context) -> Message:
                 "this client's noise was calibrated for"
             )
         site = site_of(context, config)
-        data, device = _load(task, site, context, config)
+        try:
+            data, device = _load(task, site, context, config)
+        except DATA_ERRORS as ex:
+            return _data_error(msg, site, ex)
         train_data = data.train
         pc = task.privacy
         plan = _plan_and_charge(task, site, str(context.run_id), server_round, len(train_data))
@@ -252,7 +274,10 @@ def evaluate(msg: Message, context: Context) -> Message:
         task = from_flat(ClientTask, dict(config_record(msg.content)))
         config = config_record(msg.content)
         site = site_of(context, config)
-        data, device = _load(task, site, context, config)
+        try:
+            data, device = _load(task, site, context, config)
+        except DATA_ERRORS as ex:
+            return _data_error(msg, site, ex)
         val = data.val
         model = _model(task, val, array_record(msg.content))
         probs = predict(model, val, device)
@@ -282,9 +307,12 @@ def query(msg: Message, context: Context) -> Message:
             raise ConfigError("statistics query, but dataset.preprocess has no "
                               "normalize step with mode=federated")
         site = site_of(context, config)
-        x, n = cleaned_features(task.dataset, node_config=context.node_config,
-                                partition_id=site.partition_id,
-                                num_partitions=site.num_partitions, seed=task.train.seed)
+        try:
+            x, n = cleaned_features(task.dataset, node_config=context.node_config,
+                                    partition_id=site.partition_id,
+                                    num_partitions=site.num_partitions, seed=task.train.seed)
+        except DATA_ERRORS as ex:
+            return _data_error(msg, site, ex)
         pc = task.privacy
         sigma, clip = float(step["noise_multiplier"]), float(step["clip"])
         release = GaussianRelease(sigma, 1.0, 1, sampling="none")

@@ -50,6 +50,12 @@ def compose_config(overrides: list[str]) -> tuple[RunConfig, str]:
 
 def serve(grid: Grid, cfg: RunConfig, run_dir: RunDir, resolved_yaml: str) -> dict[str, Any]:
     run_dir.write_config(resolved_yaml)
+    if not cfg.dataset.is_files:
+        # Simulated clients cut a bundled data set: show how (counts, class mix).
+        from server.partition_report import partition_report, write_partition_report
+
+        write_partition_report(run_dir.path, partition_report(
+            cfg.dataset, cfg.simulation.num_clients, cfg.train.seed))
     reporter = RoundReporter(cfg.train.rounds, enabled=cfg.output.progress)
     try:
         return run_federation(grid, cfg, run_dir, reporter)

@@ -38,7 +38,7 @@ from server.ledger import ServerLedger
 from server.rundir import RunDir
 from server.statistics import federated_statistics
 from strategies import STRATEGY_BUILDERS
-from strategies.budget import BudgetAwareSelection
+from strategies.budget import BudgetAwareSelection, is_decline
 
 __all__ = ["ClientFailedError", "lr_for_round", "run_federation"]
 
@@ -182,6 +182,9 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
                 replies = _send(grid, budget.configure_train(rnd, arrays, config, grid),
                                 s.round_timeout, f"training round {rnd}")
                 trained, declined = budget.split(replies)
+                for d in declined:
+                    log.warning("round %d: site %s did not train (%s): %s", rnd, d.site,
+                                d.status, d.reason)
                 # Mirror each release into the server ledger before anything derived
                 # from it (the aggregate, metrics) leaves this process.
                 trained, rejected = ledger.mirror(trained, rnd)
@@ -203,7 +206,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
                     ev = _send(grid, budget.configure_evaluate(rnd, arrays, ConfigRecord(task),
                                                                grid),
                                s.round_timeout, f"evaluation round {rnd}")
-                    agg = budget.aggregate_evaluate(rnd, ev)
+                    agg = budget.aggregate_evaluate(rnd, [m for m in ev if not is_decline(m)])
                     # The weighted mean of client ids is meaningless: drop it.
                     fed_eval = {k: v for k, v in agg.items() if k != "client"} if agg else None
                 smoothed = _ema(smoothed, arrays.to_torch_state_dict(), s.ema)
@@ -211,7 +214,9 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
                 eps_max = max(ledger.per_site(pc.delta, pc.accountant).values(), default=0.0)
                 record = {
                     "round": rnd, "lr": lr, "central": central, "clients": _client_rows(trained),
-                    "declined": [vars(d) for d in declined], "rejected": rejected,
+                    "declined": [{k: v for k, v in vars(d).items() if k != "node_id"}
+                                 for d in declined],
+                    "rejected": rejected,
                     "federated_evaluation": fed_eval, "epsilon_sample_level_max": eps_max,
                     "wall_seconds": time.perf_counter() - t_round,
                 }

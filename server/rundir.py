@@ -7,6 +7,7 @@
 | ``summary.json`` | the run's headline numbers |
 | ``model.safetensors`` | the final global model |
 | ``ledger.sqlite`` | the server's privacy ledger (``privacy.ledger``) |
+| ``partition_report.json/.png`` | bundled data: each simulated client's counts and class mix |
 | ``sites/NAME/`` | in simulation, each site's state folder (its own ledger) |
 | ``fedpriv.log`` | Flower's and Ray's log output |
 | ``tensorboard/`` | optional event files |

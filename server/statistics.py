@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from clients.preprocess import NoisyStatistics, combine_statistics
 from clients.records import RecordError, config_record
 from server.ledger import ServerLedger
+from strategies.budget import is_decline
 
 __all__ = ["federated_statistics"]
 
@@ -50,7 +51,11 @@ def federated_statistics(
     messages = [Message(content=RecordDict({"config": config}), message_type=MessageType.QUERY,
                         dst_node_id=node) for node in nodes]
     replies = send(grid, messages, timeout, "the statistics round")
-    kept, rejected = ledger.mirror(replies, server_round=0)
+    for reply in (r for r in replies if is_decline(r)):
+        status = reply.content["status"]
+        log.warning("statistics round: site %s did not answer (%s): %s",
+                    status.get("site"), status.get("status"), status.get("reason"))  # type: ignore[union-attr]
+    kept, rejected = ledger.mirror([r for r in replies if not is_decline(r)], server_round=0)
     parts: list[NoisyStatistics] = []
     for reply in kept:
         try:

@@ -1,5 +1,8 @@
 """Budget-aware selection: never ask a site whose privacy budget is spent.
 
+(Nor one whose data failed to load: it answered ``data_error`` and is left out
+of training and evaluation for the rest of the run.)
+
 A wrapper in Flower's style (like ``DifferentialPrivacyServerSideFixedClipping``):
 it wraps any strategy. Sites enforce their own caps (a site whose next round
 would cross its cap answers ``budget_exhausted`` instead of training); this
@@ -22,26 +25,30 @@ __all__ = ["BudgetAwareSelection", "Decline", "is_decline"]
 
 STATUS_KEY = "status"
 EXHAUSTED = "budget_exhausted"
+DATA_ERROR = "data_error"  # the site's data failed to load or validate
+DECLINES = (EXHAUSTED, DATA_ERROR)
 
 
 @dataclass(frozen=True)
 class Decline:
     node_id: int
     site: str
-    binding_cap: str  # "site" or "global"
+    binding_cap: str  # "site" or "global" (budget declines)
     reason: str
+    status: str = EXHAUSTED
 
 
 def is_decline(reply: Message) -> bool:
-    """Whether ``reply`` is a site's structured ``budget_exhausted`` answer."""
+    """Whether ``reply`` is a site's structured refusal (budget spent, or bad data)."""
     status = reply.content.get(STATUS_KEY) if reply.has_content() else None
-    return isinstance(status, ConfigRecord) and status.get("status") == EXHAUSTED
+    return isinstance(status, ConfigRecord) and status.get("status") in DECLINES
 
 
 def _decline(reply: Message) -> Decline:
     status = cast(ConfigRecord, reply.content[STATUS_KEY])  # is_decline checked it
     return Decline(reply.metadata.src_node_id, str(status.get("site", "?")),
-                   str(status.get("binding-cap", "site")), str(status.get("reason", "")))
+                   str(status.get("binding-cap", "site")), str(status.get("reason", "")),
+                   str(status.get("status")))
 
 
 class _EligibleGrid(Grid):
@@ -98,6 +105,7 @@ class BudgetAwareSelection(Strategy):
         self.strategy = strategy
         self.exhausted: dict[int, str] = {}
         self.declines: list[Decline] = []
+        self._by_node: dict[int, Decline] = {}
         self.global_cap_reached = False
 
     def eligible(self, grid: Grid) -> list[int]:
@@ -126,7 +134,7 @@ class BudgetAwareSelection(Strategy):
                 d = _decline(reply)
                 declined.append(d)
                 self.exhausted[d.node_id] = d.reason
-                self.global_cap_reached |= d.binding_cap == "global"
+                self.global_cap_reached |= d.status == EXHAUSTED and d.binding_cap == "global"
                 continue
             trained.append(reply)
             metrics, info = reply.content.get("metrics"), reply.content.get("ledger")
@@ -137,6 +145,7 @@ class BudgetAwareSelection(Strategy):
                     f"its next round would exceed its {which} epsilon cap")
                 self.global_cap_reached |= binding == "global"
         self.declines.extend(declined)
+        self._by_node.update({d.node_id: d for d in declined})
         return trained, declined
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -148,7 +157,19 @@ class BudgetAwareSelection(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+        # Spent sites may still evaluate (it costs no DP budget); a site whose data
+        # failed cannot.
+        broken = {n for n, d in self._by_node.items() if d.status == DATA_ERROR}
+        view = _EligibleGrid(grid, broken)
+        inner_min = getattr(self.strategy, "min_available_nodes", None)
+        if inner_min is not None:
+            self.strategy.min_available_nodes = max(  # type: ignore[attr-defined]
+                1, inner_min - len(broken))
+        try:
+            return list(self.strategy.configure_evaluate(server_round, arrays, config, view))
+        finally:
+            if inner_min is not None:
+                self.strategy.min_available_nodes = inner_min  # type: ignore[attr-defined]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from clients.config import ConfigError, DatasetConfig
 from clients.data import ArrayData, client_partition
-from clients.preprocess import Augment, Pipeline, build_pipeline
+from clients.preprocess import Pipeline, PipelineResult, build_pipeline
 from clients.schema import TaskSchema
 
 __all__ = ["SiteData", "task_schema", "site_source", "load_site_data", "statistics_step",
@@ -34,12 +34,8 @@ STATS_MEAN_KEY = "stats-mean"
 STATS_STD_KEY = "stats-std"
 
 
-@dataclass(frozen=True)
-class SiteData:
-    train: ArrayData
-    val: ArrayData
-    augment: Augment | None
-    report: dict[str, Any]
+# A site's prepared data: train and validation sets, the augmentation, the report.
+SiteData = PipelineResult
 
 
 def task_schema(cfg: DatasetConfig) -> TaskSchema:

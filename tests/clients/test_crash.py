@@ -90,7 +90,7 @@ def site(first_round):
         reply = train(make_message(meta, RecordDict({"arrays": arrays, "config": config})),
                       context)
         led = reply.content["ledger"]
-        say("RELEASED", rnd, led["seq"], led["hash"], led["site"], led["run-id"],
+        say("RELEASED", rnd, led["seq"], led["hash"], led["site"], led["run_id"],
             f"{time.monotonic() - t0:.4f}")
     say("DONE")
     time.sleep(3600)  # only the parent's SIGKILL ends a site: its pid stays valid till then

@@ -12,6 +12,10 @@ commands:
                                      fedpriv simulate --multirun privacy.target_epsilon=1,3,8
   export-sites --dataset D --format csv|parquet|npz --clients N --out DIR
                                 write a bundled data set out as one file per site
+  keys --out DIR --sites a,b[,...] [--hosts H,...] [--force]
+                                a CA, a TLS server certificate and one SuperNode auth key per site
+  health HOST:PORT [--timeout S]
+                                ask a process's gRPC health service; exit 0 only when it serves
   audit RUN_DIR [--delta D] [--format md|html|json] [--out PATH]
                                 verify a run's privacy ledger and recompute every epsilon
 """
@@ -38,6 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         from simulations.export import main as export_main
 
         return export_main(rest)
+    if command == "keys":
+        from server.keys import main as keys_main
+
+        return keys_main(rest)
+    if command == "health":
+        from server.health import main as health_main
+
+        return health_main(rest)
     if command == "audit":
         from server.audit import main as audit_main
 

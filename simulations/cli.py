@@ -14,6 +14,9 @@ commands:
                                 write a bundled data set out as one file per site
   keys --out DIR --sites a,b[,...] [--hosts H,...] [--force]
                                 a CA, a TLS server certificate and one SuperNode auth key per site
+  deploy-local --sites N --rounds R --workdir DIR
+                                a real SuperLink + N SuperNodes (TLS, node authentication) on
+                                loopback: keys, site data, the run, its run directory
   health HOST:PORT [--timeout S]
                                 ask a process's gRPC health service; exit 0 only when it serves
   audit RUN_DIR [--delta D] [--format md|html|json] [--out PATH]
@@ -46,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         from server.keys import main as keys_main
 
         return keys_main(rest)
+    if command == "deploy-local":
+        from server.deploy import main as deploy_main
+
+        return deploy_main(rest)
     if command == "health":
         from server.health import main as health_main
 

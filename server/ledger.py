@@ -8,7 +8,6 @@ rows (the larger of that and what the site claimed is kept: over-count).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,21 +17,13 @@ from clients.records import (
     RecordError,
     charge_from_record,
     config_record,
-    integer,
     metric_record,
     number,
 )
 from privacy import EpsilonMemo
 from privacy.ledger import Charge, Ledger, LedgerError
 
-__all__ = ["MirroredRelease", "ServerLedger"]
-
-
-@dataclass(frozen=True)
-class MirroredRelease:
-    site: str
-    client: int
-    charge: Charge
+__all__ = ["ServerLedger"]
 
 
 class ServerLedger:
@@ -43,35 +34,36 @@ class ServerLedger:
     def close(self) -> None:
         self.ledger.close()
 
-    def release_of(self, reply: Message, server_round: int) -> MirroredRelease:
-        """The release a reply reports (raises ``RecordError``/``LedgerError``).
-
-        The charge comes from the reply's ``ledger`` record; the round is the
-        server's own, and a sample-level charge must agree with the metrics the
-        reply is aggregated by.
-        """
-        info = config_record(reply.content, "ledger")
-        charge = charge_from_record(info, round=server_round)
-        client = -1
-        if "metrics" in reply.content:
-            met = metric_record(reply.content)
-            client = integer(met, "client")
-            if charge.level == "sample":
-                for key, field in (("noise_multiplier", "noise_multiplier"),
-                                   ("sample_rate", "sample_rate"), ("steps", "steps")):
-                    if number(met, key) != float(getattr(charge, field)):
-                        raise RecordError(f"metrics {key}={met[key]!r} but the ledger charge "
-                                          f"says {getattr(charge, field)!r}")
-        return MirroredRelease(charge.site, client, charge)
+    @staticmethod
+    def _disagreement(reply: Message, charge: Charge) -> str | None:
+        """Why the reply's metrics (which aggregation uses) contradict its charge, if they do."""
+        if charge.level != "sample" or "metrics" not in reply.content:
+            return None
+        met = metric_record(reply.content)
+        for key in ("noise_multiplier", "sample_rate", "steps"):
+            if number(met, key) != float(getattr(charge, key)):
+                return f"metrics {key}={met[key]!r} but the ledger charge says " \
+                       f"{getattr(charge, key)!r}"
+        return None
 
     def mirror(self, replies: list[Message], server_round: int
                ) -> tuple[list[Message], list[dict[str, Any]]]:
-        """Append each reply's release; return (mirrored replies, rejections with reasons)."""
+        """Append each reply's release; return (replies to aggregate, rejections with reasons).
+
+        A valid charge is mirrored even when the reply is then rejected (its
+        metrics contradict the charge): the update did leave the site, so its
+        cost counts. A charge that is itself invalid cannot be mirrored; the
+        site's own ledger, which the audit reads, still holds it.
+        """
         kept, rejected = [], []
         for reply in replies:
             try:
-                release = self.release_of(reply, server_round)
-                self.ledger.append(release.charge)
+                charge = charge_from_record(config_record(reply.content, "ledger"),
+                                            round=server_round)
+                self.ledger.append(charge)
+                why = self._disagreement(reply, charge)
+                if why is not None:
+                    raise RecordError(why)
             except (RecordError, LedgerError) as ex:
                 rejected.append({"node_id": reply.metadata.src_node_id,
                                  "reason": f"privacy report rejected: {ex}"})

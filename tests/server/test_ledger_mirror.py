@@ -54,9 +54,12 @@ def test_good_reports_are_mirrored_and_bad_ones_rejected_with_the_reason(ledger)
     assert "epsilon_reported=nan" in reasons[3]
     assert "ledger" in reasons[4]
     assert "steps=4" in reasons[5] and "says 1" in reasons[5]
+    # Node 5's charge is valid, and its update left the site: the cost is mirrored even
+    # though the update is not aggregated. Invalid charges (2, 3) and none (4) cannot be.
     rows = ledger.ledger.rows()
-    assert len(rows) == 1 and rows[0].charge.site == "client-1"
+    assert [r.charge.site for r in rows] == ["client-1", "client-5"]
     assert rows[0].charge.source == "client-1#1:" + "ab" * 32
+    assert rows[1].charge.steps == 1
 
 
 def test_per_site_epsilon_is_the_larger_of_claim_and_recomputation(ledger):

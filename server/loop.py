@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +34,7 @@ from server.config import RunConfig
 from server.console import RoundReporter
 from server.evaluation import classification_metrics
 from server.ledger import ServerLedger
+from server.replies import ClientFailedError, RoundSender
 from server.rundir import RunDir
 from server.statistics import federated_statistics
 from strategies import STRATEGY_BUILDERS
@@ -45,10 +45,6 @@ __all__ = ["ClientFailedError", "lr_for_round", "run_federation"]
 log = logging.getLogger("fedpriv")
 
 
-class ClientFailedError(RuntimeError):
-    """A client raised or did not reply; the run stops instead of waiting."""
-
-
 def lr_for_round(cfg: TrainConfig, server_round: int) -> float:
     """Learning rate of 1-based ``server_round`` under ``cfg.lr_schedule``."""
     if cfg.lr_schedule == "constant":
@@ -57,23 +53,6 @@ def lr_for_round(cfg: TrainConfig, server_round: int) -> float:
         return cfg.lr * cfg.lr_gamma ** ((server_round - 1) // cfg.lr_step_rounds)
     progress = (server_round - 1) / max(1, cfg.rounds - 1)
     return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * progress))
-
-
-def _send(grid: Grid, messages: Iterable[Message], timeout: float, what: str) -> list[Message]:
-    messages = list(messages)
-    replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
-    failed = [m for m in replies if m.has_error()]
-    if failed:
-        reasons = "\n".join(
-            f"--- node {m.metadata.src_node_id}: {m.error.reason}" for m in failed
-        )
-        raise ClientFailedError(f"{len(failed)} client(s) failed during {what}:\n{reasons}")
-    if len(replies) < len(messages):
-        raise ClientFailedError(
-            f"{len(messages) - len(replies)} of {len(messages)} client(s) did not reply to "
-            f"{what} within strategy.round_timeout={timeout}s"
-        )
-    return replies
 
 
 def _client_rows(replies: list[Message]) -> list[dict[str, Any]]:
@@ -158,11 +137,12 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
     eps_max = 0.0
     smoothed: dict[str, torch.Tensor] | None = None
     outcome = _Outcome()
+    send = RoundSender()  # lost sites are recorded per round, the round goes on
     try:
         stats = None
         if statistics_step(cfg.dataset) is not None:
             mean, std, rejected = federated_statistics(
-                grid, task, num_clients=cfg.simulation.num_clients, ledger=ledger, send=_send,
+                grid, task, num_clients=cfg.simulation.num_clients, ledger=ledger, send=send,
                 timeout=s.round_timeout)
             task.update({STATS_MEAN_KEY: mean, STATS_STD_KEY: std})
             stats = (mean, std)
@@ -179,7 +159,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
                 lr = lr_for_round(cfg.train, rnd)
                 threads = max(1, int(cfg.simulation.num_cpus))
                 config = ConfigRecord({**task, "lr": lr, "num-threads": threads})
-                replies = _send(grid, budget.configure_train(rnd, arrays, config, grid),
+                send.round = rnd
+                replies = send(grid, budget.configure_train(rnd, arrays, config, grid),
                                 s.round_timeout, f"training round {rnd}")
                 trained, declined = budget.split(replies)
                 for d in declined:
@@ -203,7 +184,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
                 arrays = new_arrays
                 fed_eval = None
                 if s.fraction_evaluate > 0 and cfg.dataset.val_fraction > 0:
-                    ev = _send(grid, budget.configure_evaluate(rnd, arrays, ConfigRecord(task),
+                    ev = send(grid, budget.configure_evaluate(rnd, arrays, ConfigRecord(task),
                                                                grid),
                                s.round_timeout, f"evaluation round {rnd}")
                     agg = budget.aggregate_evaluate(rnd, [m for m in ev if not is_decline(m)])
@@ -217,6 +198,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
                     "declined": [{k: v for k, v in vars(d).items() if k != "node_id"}
                                  for d in declined],
                     "rejected": rejected,
+                    "lost": send.take_lost(),
                     "federated_evaluation": fed_eval, "epsilon_sample_level_max": eps_max,
                     "wall_seconds": time.perf_counter() - t_round,
                 }

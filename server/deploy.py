@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["DeployError", "Deployment", "deploy_local", "main"]
+__all__ = ["DeployError", "Deployment", "LocalFederation", "deploy_local", "main"]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -209,6 +209,181 @@ def _wait_online(dep: Deployment, n: int, timeout: float) -> None:
                       f"see {dep.logs}")
 
 
+class LocalFederation:
+    """One SuperLink and its SuperNodes on loopback, step by step (``deploy_local``'s parts).
+
+    Each method is one step of ``docs/deploy.md`` with the same flags; the
+    failure tests use them to kill and restart single processes.
+    """
+
+    def __init__(self, dep: Deployment, names: Sequence[str], *, dataset: str = "digits",
+                 keys_dir: Path | None = None) -> None:
+        from server.keys import make_keys
+
+        fmt = _FORMATS.get(dataset)
+        if fmt is None:
+            raise ValueError(f"dataset={dataset!r}: choose one of {sorted(_FORMATS)}")
+        self.dep, self.names, self.dataset, self.fmt = dep, list(names), dataset, fmt
+        self.workdir = dep.workdir
+        self.keys = make_keys(keys_dir or self.workdir / "keys", self.names,
+                              hosts=("127.0.0.1", "localhost"))
+        self.port, self.health = _free_port(), f"127.0.0.1:{_free_port()}"
+        self.data_paths: list[Path] = []
+        self.test_path: Path | None = None
+        self.labels: list[str] = []
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def export_data(self) -> None:
+        """One data file per site plus the server's held-out ``test.EXT``."""
+        from simulations.export import export_sites
+
+        self.data_paths = export_sites(self.dataset, self.fmt, len(self.names),
+                                       self.workdir / "data")
+        self.test_path = self.workdir / "data" / f"test.{self.fmt}"
+        self.labels = _labels(self.data_paths[0], self.fmt)
+
+    def start_superlink(self, *, timeout: float = 120.0) -> subprocess.Popen[bytes]:
+        """``flower-superlink`` with TLS, SuperNode auth and ``DIR/superlink.db``; waits
+        until its health service answers ``SERVING``."""
+        from server.health import wait_healthy
+
+        k = self.keys
+        proc = self.dep.start("superlink", [
+            _exe("flower-superlink"),
+            "--ssl-ca-certfile", str(k.ca_cert),
+            "--ssl-certfile", str(k.server_cert),
+            "--ssl-keyfile", str(k.server_key),
+            "--enable-supernode-auth",
+            "--database", str(self.workdir / "superlink.db"),
+            "--disable-runtime-dependency-installation",
+            "--port", str(self.port),
+            "--health-server-address", self.health,
+        ])  # fmt: skip
+        try:
+            wait_healthy(self.health, timeout=max(1.0, timeout), interval=0.3)
+        except TimeoutError as ex:
+            raise DeployError(f"SuperLink not healthy: {ex}\n"
+                              f"{_tail(self.dep.logs / 'superlink.log')}") from ex
+        return proc
+
+    def connect_cli(self) -> None:
+        """``FLWR_HOME/config.toml``: the connection the ``flwr`` CLI uses (TLS, our CA)."""
+        self.dep.home.mkdir(parents=True, exist_ok=True)
+        (self.dep.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f"address = {_toml_str(self.address)}\n"
+            f"root-certificates = {_toml_str(str(self.keys.ca_cert))}\n"
+        )
+
+    def register(self, name: str) -> str:
+        """``flwr supernode register`` the site's public key; returns the CLI's answer."""
+        done = self.dep.flwr("supernode", "register", str(self.keys.site_keys[name][1]),
+                             CONNECTION, "--format", "json")
+        if done.returncode != 0:
+            raise DeployError(f"`flwr supernode register` failed for {name}:\n"
+                              f"{done.stdout}\n{done.stderr}")
+        return done.stdout.strip()
+
+    def start_supernode(self, name: str, *, root_certificates: Path | None = None,
+                        insecure: bool = False, extra: Sequence[str] = (),
+                        node_config: dict[str, object] | None = None,
+                        ) -> subprocess.Popen[bytes]:
+        """``flower-supernode`` for site ``name`` (its CA, private key, node config).
+
+        ``root_certificates`` (another CA) and ``insecure`` exist for the tests
+        that check such a node is refused.
+        """
+        i = self.names.index(name)
+        state_dir = self.workdir / "sites" / name
+        state_dir.mkdir(parents=True, exist_ok=True)
+        config: dict[str, object] = {
+            "partition-id": i, "num-partitions": len(self.names), "site-name": name,
+            "state-dir": str(state_dir),
+        }
+        if self.data_paths:
+            config.update({"data-path": str(self.data_paths[i]), "data-format": self.fmt})
+        config.update(node_config or {})
+        tls = ["--insecure"] if insecure else [
+            "--root-certificates", str(root_certificates or self.keys.ca_cert)]
+        env = {**self.dep.env, "FLWR_HOME": str(self.workdir / "supernode-homes" / name)}
+        return self.dep.start(f"supernode-{name}", [
+            _exe("flower-supernode"),
+            "--superlink", self.address,
+            *tls,
+            "--auth-supernode-private-key", str(self.keys.site_keys[name][0]),
+            "--port", str(_free_port()),
+            "--node-config", _node_config(config),
+            *extra,
+        ], env=env)  # fmt: skip
+
+    def online(self) -> dict[int, str]:
+        """Node id -> status, as ``flwr supernode ls`` reports it ({} if it cannot)."""
+        done = self.dep.flwr("supernode", "ls", "--format", "json")
+        if done.returncode != 0:
+            return {}
+        nodes = json.loads(done.stdout).get("nodes", [])
+        return {int(x["node_id"]): str(x.get("status")) for x in nodes if "node_id" in x}
+
+    def wait_online(self, n: int, timeout: float) -> None:
+        _wait_online(self.dep, n, timeout)
+
+    def overrides(self, rounds: int, extra: Sequence[str] = ()) -> str:
+        """The run's hydra overrides: the sites' schema, file format and test file."""
+        sites = len(self.names)
+        return " ".join([
+            f"train.rounds={rounds}", f"simulation.num_clients={sites}",
+            f"strategy.min_train_clients={sites}", f"dataset={self.fmt}",
+            f"dataset.labels=[{','.join(self.labels)}]",
+            f"dataset.sites=[{','.join(str(p) for p in self.data_paths)}]",
+            f"dataset.test_path={self.test_path}", *extra,
+        ])
+
+    def submit(self, overrides: str, run_dir: Path, *, name: str = "flwr-run",
+               ) -> subprocess.Popen[bytes]:
+        """``flwr run . fedpriv --stream`` with one ``--run-config`` string."""
+        run_config = (f"fedpriv.overrides={_toml_str(overrides)} "
+                      f"fedpriv.run-dir={_toml_str(str(run_dir))}")
+        cmd = [_exe("flwr"), "run", ".", CONNECTION, "--stream", "--run-config", run_config]
+        print(f"deploy-local: {' '.join(_quote(c) for c in cmd)}", flush=True)
+        return self.dep.start(name, cmd, cwd=REPO)
+
+    def wait_run(self, cli: subprocess.Popen[bytes], run_dir: Path, deadline: float, *,
+                 name: str = "flwr-run", echo: bool = True) -> Path:
+        """Wait for ``run_dir/summary.json`` (streaming the CLI's log); check the contract."""
+        log = self.dep.logs / f"{name}.log"
+        summary = run_dir / "summary.json"
+        shown = 0
+        exited_at: float | None = None
+        while True:
+            if echo:
+                shown = _echo(log, shown)
+            if summary.exists():
+                break
+            rc = cli.poll()
+            if rc is not None:
+                exited_at = exited_at or time.monotonic()
+                if rc != 0 or time.monotonic() - exited_at > 15:
+                    raise DeployError(f"`flwr run` exited with {rc} and no {summary}; "
+                                      f"logs in {self.dep.logs}\n{_tail(log)}")
+            if time.monotonic() > deadline:
+                raise DeployError(f"no {summary} in time; logs in {self.dep.logs}")
+            time.sleep(0.5)
+        # summary.json is written last; let --stream print the end of the run.
+        end = time.monotonic() + 10
+        while cli.poll() is None and time.monotonic() < end:
+            time.sleep(0.3)
+        if echo:
+            _echo(log, shown)
+        missing = [n for n in ("summary.json", "metrics.jsonl", "ledger.sqlite",
+                               "model.safetensors") if not (run_dir / n).is_file()]
+        if missing:
+            raise DeployError(f"run directory {run_dir} lacks {missing}")
+        return run_dir
+
+
 def deploy_local(*, sites: int, rounds: int, workdir: Path, dataset: str = "digits",
                  timeout: float = 900, deployment: Deployment | None = None) -> Path:
     """Run a TLS + SuperNode-auth deployment of ``sites`` SuperNodes on loopback.
@@ -218,124 +393,31 @@ def deploy_local(*, sites: int, rounds: int, workdir: Path, dataset: str = "digi
     run fails. Every process started is stopped before returning.
     ``deployment`` lets a caller see the processes (tests).
     """
-    from server.health import wait_healthy
-    from server.keys import make_keys
-    from simulations.export import export_sites
-
     if sites < 1 or rounds < 1:
         raise ValueError(f"sites={sites}, rounds={rounds}: both must be at least 1")
-    fmt = _FORMATS.get(dataset)
-    if fmt is None:
+    if dataset not in _FORMATS:
         raise ValueError(f"dataset={dataset!r}: choose one of {sorted(_FORMATS)}")
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
     deadline = t_start + timeout
     dep = deployment or Deployment(workdir)
-    names = [f"site-{i}" for i in range(sites)]
     run_dir = workdir / "run"
     try:
-        # 1. keys
-        keys = make_keys(workdir / "keys", names, hosts=("127.0.0.1", "localhost"))
-        # 2. data
-        data_paths = export_sites(dataset, fmt, sites, workdir / "data")
-        test_path = workdir / "data" / f"test.{fmt}"
-        labels = _labels(data_paths[0], fmt)
-        # 3. SuperLink
-        port, health_port = _free_port(), _free_port()
-        health = f"127.0.0.1:{health_port}"
-        dep.start("superlink", [
-            _exe("flower-superlink"),
-            "--ssl-ca-certfile", str(keys.ca_cert),
-            "--ssl-certfile", str(keys.server_cert),
-            "--ssl-keyfile", str(keys.server_key),
-            "--enable-supernode-auth",
-            "--database", str(workdir / "superlink.db"),
-            "--disable-runtime-dependency-installation",
-            "--port", str(port),
-            "--health-server-address", health,
-        ])  # fmt: skip
-        try:
-            wait_healthy(health, timeout=min(120.0, max(1.0, deadline - time.monotonic())),
-                         interval=0.3)
-        except TimeoutError as ex:
-            raise DeployError(f"SuperLink not healthy: {ex}\n"
-                              f"{_tail(dep.logs / 'superlink.log')}") from ex
-        print(f"deploy-local: SuperLink SERVING on 127.0.0.1:{port} (health {health})",
+        fed = LocalFederation(dep, [f"site-{i}" for i in range(sites)], dataset=dataset)
+        fed.export_data()
+        fed.start_superlink(timeout=min(120.0, deadline - time.monotonic()))
+        print(f"deploy-local: SuperLink SERVING on {fed.address} (health {fed.health})",
               flush=True)
-        # 4. connection + registration
-        dep.home.mkdir(parents=True, exist_ok=True)
-        (dep.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f"address = {_toml_str(f'127.0.0.1:{port}')}\n"
-            f"root-certificates = {_toml_str(str(keys.ca_cert))}\n"
-        )
-        for name in names:
-            done = dep.flwr("supernode", "register", str(keys.site_keys[name][1]), CONNECTION,
-                            "--format", "json")
-            if done.returncode != 0:
-                raise DeployError(f"`flwr supernode register` failed for {name}:\n"
-                                  f"{done.stdout}\n{done.stderr}")
-            print(f"deploy-local: registered {name}: {done.stdout.strip()}", flush=True)
-        # 5. SuperNodes
-        for i, name in enumerate(names):
-            state_dir = workdir / "sites" / name
-            state_dir.mkdir(parents=True, exist_ok=True)
-            node_config = _node_config({
-                "partition-id": i, "num-partitions": sites, "site-name": name,
-                "state-dir": str(state_dir), "data-path": str(data_paths[i]),
-                "data-format": fmt,
-            })
-            env = {**dep.env, "FLWR_HOME": str(workdir / "supernode-homes" / name)}
-            dep.start(f"supernode-{name}", [
-                _exe("flower-supernode"),
-                "--superlink", f"127.0.0.1:{port}",
-                "--root-certificates", str(keys.ca_cert),
-                "--auth-supernode-private-key", str(keys.site_keys[name][0]),
-                "--port", str(_free_port()),
-                "--node-config", node_config,
-            ], env=env)  # fmt: skip
-        _wait_online(dep, sites, timeout=min(120.0, max(1.0, deadline - time.monotonic())))
+        fed.connect_cli()
+        for name in fed.names:
+            print(f"deploy-local: registered {name}: {fed.register(name)}", flush=True)
+        for name in fed.names:
+            fed.start_supernode(name)
+        fed.wait_online(sites, timeout=min(120.0, max(1.0, deadline - time.monotonic())))
         print(f"deploy-local: {sites} SuperNodes online", flush=True)
-        # 6. the run
-        overrides = " ".join([
-            f"train.rounds={rounds}", f"simulation.num_clients={sites}",
-            f"strategy.min_train_clients={sites}", f"dataset={fmt}",
-            f"dataset.labels=[{','.join(labels)}]",
-            f"dataset.sites=[{','.join(str(p) for p in data_paths)}]",
-            f"dataset.test_path={test_path}",
-        ])
-        run_config = (f"fedpriv.overrides={_toml_str(overrides)} "
-                      f"fedpriv.run-dir={_toml_str(str(run_dir))}")
-        cmd = [_exe("flwr"), "run", ".", CONNECTION, "--stream", "--run-config", run_config]
-        print(f"deploy-local: {' '.join(_quote(c) for c in cmd)}", flush=True)
-        cli = dep.start("flwr-run", cmd, cwd=REPO)
-        log = dep.logs / "flwr-run.log"
-        summary = run_dir / "summary.json"
-        shown = 0
-        exited_at: float | None = None
-        while True:
-            shown = _echo(log, shown)
-            if summary.exists():
-                break
-            rc = cli.poll()
-            if rc is not None:
-                exited_at = exited_at or time.monotonic()
-                if rc != 0 or time.monotonic() - exited_at > 15:
-                    raise DeployError(f"`flwr run` exited with {rc} and no {summary}; "
-                                      f"logs in {dep.logs}")
-            if time.monotonic() > deadline:
-                raise DeployError(f"no {summary} after {timeout:.0f}s; logs in {dep.logs}")
-            time.sleep(0.5)
-        # summary.json is written last; let --stream print the end of the run.
-        end = time.monotonic() + 10
-        while cli.poll() is None and time.monotonic() < end:
-            time.sleep(0.3)
-        _echo(log, shown)
-        missing = [n for n in ("summary.json", "metrics.jsonl", "ledger.sqlite",
-                               "model.safetensors") if not (run_dir / n).is_file()]
-        if missing:
-            raise DeployError(f"run directory {run_dir} lacks {missing}")
+        cli = fed.submit(fed.overrides(rounds), run_dir)
+        fed.wait_run(cli, run_dir, deadline)
         print(f"deploy-local: done in {time.monotonic() - t_start:.0f}s; run directory "
               f"{run_dir}; site ledgers under {workdir / 'sites'}", flush=True)
         return run_dir

@@ -67,7 +67,8 @@ def test_unavailable_crashed_and_silent_nodes_are_lost_and_the_others_answer():
                                   ErrorCode.LOAD_CLIENT_APP_EXCEPTION, ErrorCode.UNKNOWN])
 def test_a_client_whose_app_raised_stops_the_run(code):
     grid = _Grid([_answer(1), _error(2, code)])
-    with pytest.raises(ClientFailedError, match=r"(?s)1 client\(s\) failed during training.*node 2: why"):
+    expected = r"(?s)1 client\(s\) failed during training.*node 2: why"
+    with pytest.raises(ClientFailedError, match=expected):
         RoundSender()(grid, [_sent(1), _sent(2)], 5.0, "training round 1")
 
 

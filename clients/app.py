@@ -225,6 +225,8 @@ def train(msg: Message, context: Context) -> Message:
             seed=derive_seed(task.train.seed, server_round, site.partition_id, plan.charge.seq),
             device=device,
             noise_generator=pc.noise_generator, augment=data.augment,
+            # FedProx: the server's strategy sends its mu with the round's config.
+            proximal_mu=number(config, "proximal-mu") if "proximal-mu" in config else 0.0,
         )
         _check_charged(plan, result.history)
         return _reply(msg, site, task, plan, len(train_data), result.train_loss,

@@ -23,7 +23,7 @@ from clients.data import ArrayData
 from clients.preprocess import Augment
 from privacy import Release
 
-__all__ = ["RoundResult", "dp_train_round", "predict", "pick_device"]
+__all__ = ["RoundResult", "add_proximal_term", "dp_train_round", "predict", "pick_device"]
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,43 @@ def _tensors(data: ArrayData) -> TensorDataset:
     return TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y))
 
 
+def add_proximal_term(optimizer: torch.optim.Optimizer, anchors: list[torch.Tensor],
+                      mu: float) -> None:
+    """FedProx (Li et al. 2020): add μ(w − w_global) to each gradient before every step.
+
+    Equivalent to adding μ/2·||w − w_global||² to the loss, but applied where it
+    is private: ``optimizer`` is the plain optimizer that Opacus' ``DPOptimizer``
+    wraps, whose step runs *after* per-sample clipping and noise. The term
+    depends only on the model (itself a function of earlier private releases)
+    and on the public global weights, never on a record, so adding it after the
+    Gaussian mechanism is post-processing and costs no privacy.
+
+    Put in the loss instead, it would be wrong: Opacus replaces ``p.grad`` with
+    the clipped, noised sum of the per-sample gradients its hooks computed from
+    the layers' activations, so a term that does not pass through a layer's
+    forward is silently dropped (hooks mode); and one that did would be clipped
+    with each sample's gradient and shrunk by 1/B, which is no longer FedProx.
+    (Like ``weight_decay``, which the plain optimizer also applies after the
+    noise.)
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if len(params) != len(anchors):
+        raise ValueError(f"{len(anchors)} anchors for {len(params)} parameters")
+    if not mu > 0:
+        raise ValueError(f"mu={mu}: must be > 0")
+
+    def hook(opt: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        with torch.no_grad():
+            for p, anchor in zip(params, anchors, strict=True):
+                if p.grad is not None:
+                    p.grad.add_(p.detach() - anchor, alpha=mu)
+
+    optimizer.register_step_pre_hook(hook)
+
+
 def _make_private(model: nn.Module, data: ArrayData, task: ClientTask, *, lr: float,
                   noise_multiplier: float, history: list[Release], seed: int,
-                  augment: Augment | None = None) -> tuple:
+                  augment: Augment | None = None, proximal_mu: float = 0.0) -> tuple:
     """Opacus' engine with its accountant loaded with the whole history."""
     from opacus import PrivacyEngine
 
@@ -63,6 +97,9 @@ def _make_private(model: nn.Module, data: ArrayData, task: ClientTask, *, lr: fl
     loader = DataLoader(dataset, batch_size=tcfg.batch_size, generator=generator)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=tcfg.momentum,
                                 weight_decay=tcfg.weight_decay)
+    if proximal_mu > 0:  # anchored at the global model this round starts from
+        add_proximal_term(optimizer, [p.detach().clone() for p in model.parameters()],
+                          proximal_mu)
     criterion = nn.CrossEntropyLoss()
     # Opacus warns that secure_mode is off; the run records the generator used.
     warnings.filterwarnings("ignore", message="Secure RNG turned off")
@@ -92,13 +129,15 @@ def dp_train_round(
     device: torch.device,
     noise_generator: str = "torch",
     augment: Augment | None = None,
+    proximal_mu: float = 0.0,
 ) -> RoundResult:
     """Train ``model`` in place for ``task.train.local_epochs`` epochs of DP-SGD.
 
     Poisson sampling with rate ``1 / ceil(n / batch_size)``, per-sample
     clipping to ``max_grad_norm`` and Gaussian noise of std
     ``noise_multiplier * max_grad_norm`` (Abadi et al. 2016), drawn from
-    ``noise_generator`` (:mod:`clients.noise`).
+    ``noise_generator`` (:mod:`clients.noise`). ``proximal_mu`` > 0 adds
+    FedProx's proximal term (:func:`add_proximal_term`).
     """
     from clients.noise import use_noise_generator
 
@@ -112,7 +151,7 @@ def dp_train_round(
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         engine, dp_model, dp_opt, dp_crit, dp_loader = _make_private(
             model, data, task, lr=lr, noise_multiplier=noise_multiplier, history=history,
-            seed=seed, augment=augment)
+            seed=seed, augment=augment, proximal_mu=proximal_mu)
         generator = use_noise_generator(dp_opt, noise_generator)
         for _ in range(task.train.local_epochs):
             for xb, yb in dp_loader:

@@ -7,6 +7,8 @@ process starts, naming the key and the value.
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +24,11 @@ from clients.config import (
     build,
     require,
 )
+from strategies import STRATEGY_BUILDERS, STRATEGY_PARAMS, Sampling, build_strategy
 
 __all__ = ["StrategyConfig", "SimulationConfig", "OutputConfig", "RunConfig", "load_run_config"]
 
-STRATEGIES = ("fedavg",)
+STRATEGIES = tuple(STRATEGY_BUILDERS)
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,16 @@ class StrategyConfig:
     (weight ``ema`` on the past); central evaluation and the saved model use
     it. Clients still train from the plain aggregate. It only post-processes
     released updates, so it costs no privacy.
+
+    Strategy parameters (each used only by the strategies named):
+    ``proximal_mu`` (fedprox); ``server_lr``, ``beta_1``, ``beta_2``, ``tau``
+    (fedadam, fedyogi); ``trim_beta`` (fedtrimmedavg); ``num_malicious_nodes``
+    (multikrum, bulyan) and ``num_nodes_to_select`` (multikrum, 0 = n − f).
+
+    ``max_update_norm``: updates (reply − global model) with a larger L2 norm
+    are rejected before aggregation (``strategies.validation``); ``None``: no
+    bound. Non-finite values and wrong keys, shapes or dtypes are always
+    rejected.
     """
 
     name: str = "fedavg"
@@ -45,6 +58,15 @@ class StrategyConfig:
     min_evaluate_clients: int = 2
     round_timeout: float = 600.0
     ema: float = 0.0
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+    trim_beta: float = 0.2
+    num_malicious_nodes: int = 0
+    num_nodes_to_select: int = 0
+    max_update_norm: float | None = None
 
     def __post_init__(self) -> None:
         require(0 <= self.ema < 1, "strategy.ema", self.ema, "must be in [0, 1)")
@@ -60,6 +82,21 @@ class StrategyConfig:
                  self.min_evaluate_clients, "must be >= 0")
         require(self.round_timeout > 0, "strategy.round_timeout", self.round_timeout,
                  "must be > 0 seconds")
+        if self.max_update_norm is not None:
+            require(0 < self.max_update_norm < math.inf, "strategy.max_update_norm",
+                    self.max_update_norm, "must be a finite number > 0 (or null: no bound)")
+
+    def sampling(self, num_clients: int) -> Sampling:
+        return Sampling(fraction_train=self.fraction_train,
+                        fraction_evaluate=self.fraction_evaluate,
+                        min_train_clients=self.min_train_clients,
+                        min_evaluate_clients=self.min_evaluate_clients,
+                        num_clients=num_clients)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """This strategy's own parameters, by builder keyword."""
+        return {k: getattr(self, k) for k in STRATEGY_PARAMS[self.name]}
 
 
 @dataclass(frozen=True)
@@ -111,6 +148,15 @@ class RunConfig:
         require(s.min_evaluate_clients <= n, "strategy.min_evaluate_clients",
                  s.min_evaluate_clients,
                  f"more clients sampled per round than exist (simulation.num_clients={n})")
+        flwr_log = logging.getLogger("flwr")
+        level = flwr_log.level
+        flwr_log.setLevel(logging.ERROR)  # a trial build: no "evaluation skipped" warning
+        try:  # the builders check their parameters against the round's sample size
+            build_strategy(s.name, s.sampling(n), s.params)
+        except ValueError as ex:
+            raise ConfigError(f"strategy.{ex} (strategy={s.name})") from ex
+        finally:
+            flwr_log.setLevel(level)
 
     @property
     def task(self) -> ClientTask:

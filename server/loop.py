@@ -37,7 +37,7 @@ from server.ledger import ServerLedger
 from server.replies import ClientFailedError, RoundSender
 from server.rundir import RunDir
 from server.statistics import federated_statistics
-from strategies import STRATEGY_BUILDERS
+from strategies import build_strategy
 from strategies.budget import BudgetAwareSelection, is_decline
 
 __all__ = ["ClientFailedError", "lr_for_round", "run_federation"]
@@ -125,11 +125,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
     device = pick_device()
     arrays = ArrayRecord(model.state_dict())
     s = cfg.strategy
-    budget = BudgetAwareSelection(STRATEGY_BUILDERS[s.name](
-        fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate,
-        min_train_clients=s.min_train_clients, min_evaluate_clients=s.min_evaluate_clients,
-        num_clients=cfg.simulation.num_clients,
-    ))
+    budget = BudgetAwareSelection(build_strategy(s.name, s.sampling(cfg.simulation.num_clients),
+                                                 s.params))
     task = {**flatten(cfg.task), STATE_ROOT_KEY: str(run_dir.sites_dir)}
     ledger = ServerLedger(run_dir.ledger_path)
     pc = cfg.privacy

@@ -146,6 +146,13 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
             outcome.statistics = {"mean": mean, "std": std, "rejected": rejected}
             outcome.rejected += len(rejected)
         test = server_test_data(cfg.dataset, cfg.train.seed, stats)
+        # Wait (bounded) for every site once; from then on each round samples among
+        # the sites connected, so one that never comes back cannot stall the run.
+        have = budget.wait_for(grid, cfg.simulation.num_clients, s.round_timeout)
+        if have < cfg.simulation.num_clients:
+            log.warning("%d of %d sites connected after %ss; starting with them", have,
+                        cfg.simulation.num_clients, s.round_timeout)
+        budget.min_available = s.min_train_clients
         with reporter:
             for rnd in range(1, cfg.train.rounds + 1):
                 why = _stop_before_round(budget, grid, cfg)

@@ -13,6 +13,7 @@ sampling from then on. Declines never reach the wrapped ``aggregate_train``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -99,6 +100,10 @@ class BudgetAwareSelection(Strategy):
     declines : every decline seen, in order.
     global_cap_reached : a site declined, or cannot afford its next round,
         because of the global cap (not its own): the run should end.
+    min_available : when set, sample among the nodes connected at the time, as
+        long as at least this many are. Flower's samplers otherwise wait for
+        the wrapped strategy's ``min_available_nodes`` and would wait forever
+        for a site that never comes back.
     """
 
     def __init__(self, strategy: Strategy) -> None:
@@ -107,6 +112,21 @@ class BudgetAwareSelection(Strategy):
         self.declines: list[Decline] = []
         self._by_node: dict[int, Decline] = {}
         self.global_cap_reached = False
+        self.min_available: int | None = None
+
+    def wait_for(self, grid: Grid, want: int, timeout: float, poll: float = 1.0) -> int:
+        """Wait up to ``timeout`` s until ``want`` nodes are connected; return how many are."""
+        deadline = time.monotonic() + timeout
+        while (have := len(list(grid.get_node_ids()))) < want and time.monotonic() < deadline:
+            time.sleep(poll)
+        return have
+
+    def _inner_min(self, inner_min: int, left_out: int, grid: Grid) -> int:
+        want = max(1, inner_min - left_out)
+        if self.min_available is None:
+            return want
+        connected = len(list(grid.get_node_ids())) - left_out
+        return max(self.min_available, min(want, connected))
 
     def eligible(self, grid: Grid) -> list[int]:
         return [n for n in grid.get_node_ids() if n not in self.exhausted]
@@ -118,8 +138,8 @@ class BudgetAwareSelection(Strategy):
         # sites will never count again, so wait only for the others.
         inner_min = getattr(self.strategy, "min_available_nodes", None)
         if inner_min is not None:
-            self.strategy.min_available_nodes = max(  # type: ignore[attr-defined]
-                1, inner_min - len(self.exhausted))
+            self.strategy.min_available_nodes = self._inner_min(  # type: ignore[attr-defined]
+                inner_min, len(self.exhausted), grid)
         try:
             return list(self.strategy.configure_train(server_round, arrays, config, view))
         finally:
@@ -163,8 +183,8 @@ class BudgetAwareSelection(Strategy):
         view = _EligibleGrid(grid, broken)
         inner_min = getattr(self.strategy, "min_available_nodes", None)
         if inner_min is not None:
-            self.strategy.min_available_nodes = max(  # type: ignore[attr-defined]
-                1, inner_min - len(broken))
+            self.strategy.min_available_nodes = self._inner_min(  # type: ignore[attr-defined]
+                inner_min, len(broken), grid)
         try:
             return list(self.strategy.configure_evaluate(server_round, arrays, config, view))
         finally:

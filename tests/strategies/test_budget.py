@@ -94,3 +94,45 @@ def test_a_global_cap_is_reported_separately():
 def test_a_round_of_declines_aggregates_nothing():
     budget = _selection()
     assert budget.aggregate_train(1, [_declined(1), _declined(2)]) == (None, None)
+
+
+def _no_hang(seconds):
+    """Fail (instead of hanging) if Flower's sampler waits for nodes that never come."""
+    import signal
+
+    def _fail(*_):
+        raise TimeoutError(f"sampling waited more than {seconds}s for absent nodes")
+
+    signal.signal(signal.SIGALRM, _fail)
+    signal.alarm(seconds)
+
+
+def test_a_site_that_never_comes_back_does_not_stall_sampling(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for field in ("_run_id", "_node_id", "_task_id"):  # Flower's Message() reads them
+        monkeypatch.setattr(TaskIdentity, field, 1)
+    # Prepare: the strategy was built for 4 sites; only 3 are connected now.
+    budget, grid = _selection(), _Grid([1, 2, 3])
+    budget.min_available = 2
+
+    # Execute
+    _no_hang(10)
+    try:
+        messages = budget.configure_train(2, ArrayRecord(), ConfigRecord(), grid)
+    finally:
+        import signal
+
+        signal.alarm(0)
+
+    # Assert: all connected sites asked; the wrapped strategy's setting is restored.
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2, 3]
+    assert budget.strategy.min_available_nodes == 4
+
+
+def test_wait_for_returns_when_enough_nodes_or_time_is_up():
+    budget = _selection()
+    assert budget.wait_for(_Grid([1, 2, 3, 4]), 4, timeout=5) == 4
+    t0 = time.monotonic()
+    assert budget.wait_for(_Grid([1, 2]), 4, timeout=0.3, poll=0.05) == 2
+    assert time.monotonic() - t0 < 5

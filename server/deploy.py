@@ -217,7 +217,7 @@ class LocalFederation:
     """
 
     def __init__(self, dep: Deployment, names: Sequence[str], *, dataset: str = "digits",
-                 keys_dir: Path | None = None) -> None:
+                 extra_keys: Sequence[str] = ()) -> None:
         from server.keys import make_keys
 
         fmt = _FORMATS.get(dataset)
@@ -225,7 +225,8 @@ class LocalFederation:
             raise ValueError(f"dataset={dataset!r}: choose one of {sorted(_FORMATS)}")
         self.dep, self.names, self.dataset, self.fmt = dep, list(names), dataset, fmt
         self.workdir = dep.workdir
-        self.keys = make_keys(keys_dir or self.workdir / "keys", self.names,
+        # `extra_keys`: key pairs for nodes that are not sites of the run (tests).
+        self.keys = make_keys(self.workdir / "keys", [*self.names, *extra_keys],
                               hosts=("127.0.0.1", "localhost"))
         self.port, self.health = _free_port(), f"127.0.0.1:{_free_port()}"
         self.data_paths: list[Path] = []
@@ -288,22 +289,22 @@ class LocalFederation:
         return done.stdout.strip()
 
     def start_supernode(self, name: str, *, root_certificates: Path | None = None,
-                        insecure: bool = False, extra: Sequence[str] = (),
+                        insecure: bool = False, auth: bool = True, extra: Sequence[str] = (),
                         node_config: dict[str, object] | None = None,
                         ) -> subprocess.Popen[bytes]:
         """``flower-supernode`` for site ``name`` (its CA, private key, node config).
 
-        ``root_certificates`` (another CA) and ``insecure`` exist for the tests
-        that check such a node is refused.
+        ``root_certificates`` (another CA), ``insecure`` and ``auth=False`` (no
+        private key) exist for the tests that check such a node is refused.
         """
-        i = self.names.index(name)
+        i = self.names.index(name) if name in self.names else len(self.names)
         state_dir = self.workdir / "sites" / name
         state_dir.mkdir(parents=True, exist_ok=True)
         config: dict[str, object] = {
             "partition-id": i, "num-partitions": len(self.names), "site-name": name,
             "state-dir": str(state_dir),
         }
-        if self.data_paths:
+        if self.data_paths and name in self.names:
             config.update({"data-path": str(self.data_paths[i]), "data-format": self.fmt})
         config.update(node_config or {})
         tls = ["--insecure"] if insecure else [
@@ -313,7 +314,8 @@ class LocalFederation:
             _exe("flower-supernode"),
             "--superlink", self.address,
             *tls,
-            "--auth-supernode-private-key", str(self.keys.site_keys[name][0]),
+            *(["--auth-supernode-private-key", str(self.keys.site_keys[name][0])] if auth
+              else []),
             "--port", str(_free_port()),
             "--node-config", _node_config(config),
             *extra,
@@ -325,7 +327,7 @@ class LocalFederation:
         if done.returncode != 0:
             return {}
         nodes = json.loads(done.stdout).get("nodes", [])
-        return {int(x["node_id"]): str(x.get("status")) for x in nodes if "node_id" in x}
+        return {int(x["node-id"]): str(x.get("status")) for x in nodes if "node-id" in x}
 
     def wait_online(self, n: int, timeout: float) -> None:
         _wait_online(self.dep, n, timeout)

@@ -93,15 +93,20 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
-def _check_sites(run: _Run, server_rows: list[LedgerRow], findings: list[Finding]
-                 ) -> tuple[dict[str, _SiteRows], dict[str, str]]:
-    """Group this run's releases by site; cross-check each site's own ledger."""
+def _check_sites(run: _Run, server_rows: list[LedgerRow], findings: list[Finding],
+                 sites_dir: Path | None = None) -> tuple[dict[str, _SiteRows], dict[str, str]]:
+    """Group this run's releases by site; cross-check each site's own ledger.
+
+    Site ledgers are read from ``sites_dir/NAME/ledger.sqlite`` (default: the
+    run directory's ``sites/``, where a simulation keeps them; a deployment's
+    sites keep theirs in their own ``state-dir``).
+    """
     sites: dict[str, _SiteRows] = {}
     for row in server_rows:
         sites.setdefault(row.charge.site, _SiteRows()).charges.append(row)
     run_ids = {r.charge.run_id for r in server_rows}
     checked: dict[str, str] = {}
-    sites_dir = run.path / "sites"
+    sites_dir = sites_dir if sites_dir is not None else run.path / "sites"
     for folder in sorted(p for p in sites_dir.glob("*") if (p / LEDGER_FILE).exists()):
         name = folder.name
         try:
@@ -293,10 +298,13 @@ def _head_findings(recorded: dict[str, Any], count: int, head: str,
                     "re-chained or replaced", seq=seq)]
 
 
-def audit_run(run_dir: str | Path, *, delta: float | None = None) -> AuditReport:
+def audit_run(run_dir: str | Path, *, delta: float | None = None,
+              sites_dir: str | Path | None = None) -> AuditReport:
     """Audit the run in ``run_dir`` (see the module docstring).
 
     ``delta`` defaults to the run's δ (``summary.json``, else the ledger's rows).
+    ``sites_dir``: a folder of site state dirs (``NAME/ledger.sqlite``) to
+    cross-check, when they are not in ``run_dir/sites`` (a deployment's sites).
     """
     path = Path(run_dir)
     ledger_file = path / LEDGER_FILE
@@ -324,7 +332,8 @@ def audit_run(run_dir: str | Path, *, delta: float | None = None) -> AuditReport
     accountant = str(run.summary.get("accountant", "opacus-prv")).removeprefix("opacus-")
     if accountant not in ACCOUNTANTS:
         accountant = "prv"
-    site_rows, checked = _check_sites(run, rows, findings)
+    site_rows, checked = _check_sites(run, rows, findings,
+                                      Path(sites_dir) if sites_dir is not None else None)
     memo = EpsilonMemo()
     sites = [_audit_site(name, sr, run, float(run_delta), accountant, memo, findings)
              for name, sr in sorted(site_rows.items()) if sr.charges]

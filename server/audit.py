@@ -22,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path, help="the run directory (holds ledger.sqlite)")
     p.add_argument("--delta", type=float, default=None,
                    help="delta for the recomputed epsilons (default: the run's)")
+    p.add_argument("--sites", type=Path, default=None,
+                   help="a folder of site state dirs (NAME/ledger.sqlite) to cross-check; "
+                        "default: RUN_DIR/sites (a simulation's)")
     p.add_argument("--format", choices=("md", "html", "json"), default="md")
     p.add_argument("--out", type=Path, default=None,
                    help="write the report here (default: print md/json; html needs --out "
@@ -38,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedpriv audit: --delta={args.delta}: must be in (0, 1)", file=sys.stderr)
         return 2
     try:
-        report = audit_run(args.run_dir, delta=args.delta)
+        report = audit_run(args.run_dir, delta=args.delta, sites_dir=args.sites)
     except AuditError as ex:
         print(f"fedpriv audit: {ex}", file=sys.stderr)
         return 2

@@ -37,7 +37,7 @@ from server.ledger import ServerLedger
 from server.replies import ClientFailedError, RoundSender
 from server.rundir import RunDir
 from server.statistics import federated_statistics
-from strategies import build_strategy
+from server.strategy import build_stack
 from strategies.budget import BudgetAwareSelection, is_decline
 
 __all__ = ["ClientFailedError", "lr_for_round", "run_federation"]
@@ -98,6 +98,7 @@ class _Outcome:
     detail: str = ""
     rounds_completed: int = 0
     rejected: int = 0
+    rejections_per_client: dict[str, dict[str, int]] | None = None
     statistics: dict[str, Any] | None = None
 
 
@@ -125,8 +126,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
     device = pick_device()
     arrays = ArrayRecord(model.state_dict())
     s = cfg.strategy
-    budget = BudgetAwareSelection(build_strategy(s.name, s.sampling(cfg.simulation.num_clients),
-                                                 s.params))
+    stack = build_stack(cfg)
+    budget = stack.budget
     task = {**flatten(cfg.task), STATE_ROOT_KEY: str(run_dir.sites_dir)}
     ledger = ServerLedger(run_dir.ledger_path)
     pc = cfg.privacy
@@ -172,7 +173,10 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
                                 d.status, d.reason)
                 # Mirror each release into the server ledger before anything derived
                 # from it (the aggregate, metrics) leaves this process.
+                answered = trained
                 trained, rejected = ledger.mirror(trained, rnd)
+                # Then validate: a rejected update has still been charged.
+                trained, rejected = stack.screen(rnd, trained, rejected, answered)
                 outcome.rejected += len(rejected)
                 new_arrays = None
                 if trained:
@@ -219,6 +223,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
         if smoothed is not None or outcome.rounds_completed:
             run_dir.save_model(smoothed if smoothed is not None
                                else arrays.to_torch_state_dict())
+        outcome.rejections_per_client = stack.rejection_counts()
         summary = _summary(cfg, central, ledger, outcome, time.perf_counter() - t0)
         run_dir.write_summary(summary)
     finally:
@@ -253,6 +258,7 @@ def _summary(cfg: RunConfig, central: dict[str, Any], ledger: ServerLedger, outc
         "federated_statistics": outcome.statistics,
         "epsilon_caps": ledger.caps(),
         "updates_rejected": outcome.rejected,
+        "rejections_per_client": outcome.rejections_per_client,
         "accountant": f"opacus-{cfg.privacy.accountant}",
         "sampling": "poisson",
         "noise_generators": ledger.generators(),

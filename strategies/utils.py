@@ -1,11 +1,16 @@
-"""Helpers shared by the strategy builders: how many clients each round samples."""
+"""Helpers shared by the strategies: client sampling per round, the wrapper base."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Sampling", "flower_sampling"]
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+__all__ = ["Sampling", "StrategyWrapper", "flower_sampling"]
 
 
 @dataclass(frozen=True)
@@ -52,3 +57,42 @@ def flower_sampling(s: Sampling) -> dict[str, Any]:
         "min_evaluate_nodes": s.min_evaluate_clients if s.fraction_evaluate > 0 else 0,
         "min_available_nodes": s.num_clients,
     }
+
+
+class StrategyWrapper(Strategy):
+    """A wrapper in Flower's style: it holds ``strategy`` and forwards what it leaves alone.
+
+    Sampling settings (``min_available_nodes``) are read and written through to
+    the wrapped strategy, so that an outer wrapper (budget-aware selection)
+    can lower them whatever sits in between.
+    """
+
+    def __init__(self, strategy: Strategy) -> None:
+        self.strategy = strategy
+
+    @property
+    def min_available_nodes(self) -> int:
+        return int(self.strategy.min_available_nodes)  # type: ignore[attr-defined]
+
+    @min_available_nodes.setter
+    def min_available_nodes(self, value: int) -> None:
+        self.strategy.min_available_nodes = value  # type: ignore[attr-defined]
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.strategy.aggregate_train(server_round, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()

@@ -22,6 +22,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.adversary import flip_labels, poison_update
 from clients.charging import Caps, Refusal, caps_of, charge
 from clients.config import ClientTask, ConfigError, from_flat
 from clients.data import ArrayData
@@ -209,6 +210,9 @@ def train(msg: Message, context: Context) -> Message:
             return _data_error(msg, site, ex)
         train_data = data.train
         pc = task.privacy
+        attacking = _attacking(task, site, context)
+        if attacking and task.adversary.name == "label_flip":
+            train_data = flip_labels(train_data)
         plan = _plan_and_charge(task, site, str(context.run_id), server_round, len(train_data))
         if isinstance(plan, Refusal):
             return _decline(msg, site, plan)
@@ -229,8 +233,25 @@ def train(msg: Message, context: Context) -> Message:
             proximal_mu=number(config, "proximal-mu") if "proximal-mu" in config else 0.0,
         )
         _check_charged(plan, result.history)
+        weights = model.to("cpu").state_dict()
+        if attacking and task.adversary.name != "label_flip":
+            weights = poison_update(weights, array_record(msg.content).to_torch_state_dict(),
+                                    task.adversary,
+                                    seed=derive_seed(task.train.seed, server_round,
+                                                     site.partition_id, "adversary"))
         return _reply(msg, site, task, plan, len(train_data), result.train_loss,
-                      ArrayRecord(model.to("cpu").state_dict()))
+                      ArrayRecord(weights))
+
+
+def _attacking(task: ClientTask, site: Site, context: Context) -> bool:
+    """Whether this client is a simulated adversary (``adversary.*``); a deployed site
+    (one with its own ``state-dir``) refuses to be one."""
+    if not task.adversary.attacks(site.partition_id):
+        return False
+    if context.node_config.get("state-dir"):
+        raise ConfigError(f"adversary.name={task.adversary.name!r}: simulated attacks run in "
+                          "simulation only; this deployed site refuses to attack")
+    return True
 
 
 def _check_charged(plan: _Plan, history: list[tuple[float, float, int]]) -> None:

@@ -24,6 +24,7 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "PrivacyConfig",
+    "AdversaryConfig",
     "ClientTask",
     "build",
     "flatten",
@@ -40,6 +41,7 @@ LR_SCHEDULES = ("constant", "step", "cosine")
 ACCOUNTANTS = ("rdp", "prv")
 NOISE_GENERATORS = ("torch", "secure")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+ATTACKS = ("none", "sign_flip", "scale", "gaussian", "nan", "label_flip")
 
 
 class ConfigError(ValueError):
@@ -280,6 +282,41 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class AdversaryConfig:
+    """Simulated Byzantine clients: the first ``num_clients`` partition ids attack.
+
+    ``name``: ``none``; update attacks, applied to the trained update
+    u = w − w_global before it is sent: ``sign_flip`` (sends −``flip_scale``·u;
+    −4u is the sign-flipping attack of Li et al. 2019, RSA), ``scale`` (sends
+    ``scale``·u), ``gaussian`` (sends N(0, ``noise_std``²) per coordinate
+    instead of u), ``nan`` (sends NaN); or the data attack ``label_flip``
+    (trains on label c − 1 − y). Simulation only: a deployed site refuses.
+    """
+
+    name: str = "none"
+    num_clients: int = 0
+    flip_scale: float = 4.0
+    scale: float = 100.0
+    noise_std: float = 1.0
+
+    def __post_init__(self) -> None:
+        require(self.name in ATTACKS, "adversary.name", self.name,
+                f"unknown attack; choose one of {list(ATTACKS)}")
+        require(self.num_clients >= 0, "adversary.num_clients", self.num_clients,
+                "must be >= 0")
+        require(self.name != "none" or self.num_clients == 0, "adversary.num_clients",
+                self.num_clients, "no attack chosen (adversary=none); pick one, e.g. "
+                "adversary=sign_flip")
+        for key in ("flip_scale", "scale", "noise_std"):
+            value = getattr(self, key)
+            require(0 < value < math.inf, f"adversary.{key}", value, "must be a finite number > 0")
+
+    def attacks(self, partition_id: int) -> bool:
+        """Whether client ``partition_id`` is one of the adversaries."""
+        return self.name != "none" and partition_id < self.num_clients
+
+
+@dataclass(frozen=True)
 class ClientTask:
     """Everything the server tells a client about the task (sent every round)."""
 
@@ -287,6 +324,7 @@ class ClientTask:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
 
 
 # --------------------------------------------------------------------------

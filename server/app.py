@@ -24,9 +24,18 @@ from server.console import RoundReporter, remove_log_handler, route_logs_to_file
 from server.loop import run_federation
 from server.rundir import RunDir
 
-__all__ = ["CONF_DIR", "app", "compose_config", "to_run_config", "make_server_app", "serve"]
+__all__ = ["CONF_DIR", "app", "compose_config", "quote_group_choices", "to_run_config",
+           "make_server_app", "serve"]
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+# Config-group options whose names hydra's override grammar reads as something else.
+_LITERAL_OPTIONS = {"adversary=nan": "adversary='nan'"}
+
+
+def quote_group_choices(overrides: list[str]) -> list[str]:
+    """``adversary=nan`` as hydra must read it (its grammar turns ``nan`` into a float)."""
+    return [_LITERAL_OPTIONS.get(o, o) for o in overrides]
 
 
 def to_run_config(dc: DictConfig) -> tuple[RunConfig, str]:
@@ -45,7 +54,8 @@ def compose_config(overrides: list[str]) -> tuple[RunConfig, str]:
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return to_run_config(compose(config_name="config", overrides=overrides))
+        return to_run_config(compose(config_name="config",
+                                     overrides=quote_group_choices(overrides)))
 
 
 def serve(grid: Grid, cfg: RunConfig, run_dir: RunDir, resolved_yaml: str) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from clients.config import (
+    AdversaryConfig,
     ClientTask,
     ConfigError,
     DatasetConfig,
@@ -139,6 +140,7 @@ class RunConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
 
     def __post_init__(self) -> None:
         n = self.simulation.num_clients
@@ -148,6 +150,9 @@ class RunConfig:
         require(s.min_evaluate_clients <= n, "strategy.min_evaluate_clients",
                  s.min_evaluate_clients,
                  f"more clients sampled per round than exist (simulation.num_clients={n})")
+        a = self.adversary
+        require(a.num_clients <= n, "adversary.num_clients", a.num_clients,
+                f"more adversaries than clients (simulation.num_clients={n})")
         flwr_log = logging.getLogger("flwr")
         level = flwr_log.level
         flwr_log.setLevel(logging.ERROR)  # a trial build: no "evaluation skipped" warning
@@ -161,7 +166,7 @@ class RunConfig:
     @property
     def task(self) -> ClientTask:
         return ClientTask(dataset=self.dataset, model=self.model, train=self.train,
-                          privacy=self.privacy)
+                          privacy=self.privacy, adversary=self.adversary)
 
 
 def load_run_config(data: Mapping[str, Any]) -> RunConfig:

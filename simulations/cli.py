@@ -31,10 +31,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args else 2
     command, rest = args[0], args[1:]
     if command == "simulate":
+        from server.app import quote_group_choices
         from simulations.simulate import hydra_main
 
         # hydra reads sys.argv: hand it the overrides as if it were the program.
-        sys.argv = [f"{sys.argv[0]} simulate", *rest]
+        sys.argv = [f"{sys.argv[0]} simulate", *quote_group_choices(rest)]
         try:
             hydra_main()
         except Exception as ex:  # the traceback is in the run's log file too

@@ -17,6 +17,9 @@ How the pieces meet Opacus (hooks mode, :class:`~opacus.GradSampleModule`):
   record's norm, clipping and update are exactly those without the block;
 - :func:`masked_loss` zeroes a canary's loss, so its per-sample gradient in the
   real model is zero and, once clipped to ``C <= magnitude``, it is ``C·e_j``.
+
+Importing this module registers the grad sampler. Only
+``grad_sample_mode="hooks"`` is supported (ghost clipping and functorch are not).
 """
 
 from __future__ import annotations

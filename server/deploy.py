@@ -353,8 +353,12 @@ class LocalFederation:
         return self.dep.start(name, cmd, cwd=REPO)
 
     def wait_run(self, cli: subprocess.Popen[bytes], run_dir: Path, deadline: float, *,
-                 name: str = "flwr-run", echo: bool = True) -> Path:
-        """Wait for ``run_dir/summary.json`` (streaming the CLI's log); check the contract."""
+                 name: str = "flwr-run", echo: bool = True, cli_may_exit: bool = False) -> Path:
+        """Wait for ``run_dir/summary.json`` (streaming the CLI's log); check the contract.
+
+        ``cli_may_exit``: keep waiting when ``flwr run --stream`` exits early (it
+        does when the SuperLink restarts under it; the run itself goes on).
+        """
         log = self.dep.logs / f"{name}.log"
         summary = run_dir / "summary.json"
         shown = 0
@@ -365,7 +369,7 @@ class LocalFederation:
             if summary.exists():
                 break
             rc = cli.poll()
-            if rc is not None:
+            if rc is not None and not cli_may_exit:
                 exited_at = exited_at or time.monotonic()
                 if rc != 0 or time.monotonic() - exited_at > 15:
                     raise DeployError(f"`flwr run` exited with {rc} and no {summary}; "

@@ -21,6 +21,8 @@ commands:
                                 ask a process's gRPC health service; exit 0 only when it serves
   audit RUN_DIR [--delta D] [--format md|html|json] [--out PATH]
                                 verify a run's privacy ledger and recompute every epsilon
+  bench quick|full --out DIR    benchmarks: DP cost, accuracy vs epsilon, throughput against a
+                                naive Flower + Opacus baseline, memory growth (results.json/.md)
 """
 
 
@@ -62,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         from server.audit import main as audit_main
 
         return audit_main(rest)
+    if command == "bench":
+        from simulations.benchmarks.cli import main as bench_main
+
+        return bench_main(rest)
     print(f"fedpriv: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

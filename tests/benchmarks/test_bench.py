@@ -1,0 +1,145 @@
+"""`fedpriv bench` runs on a tiny configuration and writes the keys it declares.
+
+Speed is not tested here (a figure depends on the machine and its load); what
+is tested is that each section runs, and reports every field the results and
+the report promise, with values that can be checked without the code under
+test (ratios are positive, ε stays within its target, accuracies are in [0, 1]).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from simulations.benchmarks import SECTIONS, SUITES
+from simulations.benchmarks.cli import main as bench_main
+from simulations.benchmarks.report import targets, write_report
+
+TINY = SUITES["tiny"]
+
+
+@pytest.fixture(scope="module")
+def dp_overhead() -> dict:
+    from simulations.benchmarks.dp_overhead import _worker
+
+    # In process (the CLI starts a fresh worker for it); the memory children still fork.
+    return _worker(TINY.dp_overhead)
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory) -> dict:
+    from simulations.benchmarks.client_profile import run_profile
+
+    return run_profile(TINY.profile, tmp_path_factory.mktemp("profile"))
+
+
+def test_dp_overhead_reports_every_model_and_mode(dp_overhead):
+    spec = TINY.dp_overhead
+    assert set(dp_overhead["models"]) == set(spec.models)
+    for model in dp_overhead["models"].values():
+        assert model["parameters"] > 0
+        assert set(model) == {"parameters", "nonprivate", *spec.modes}
+        assert len(model["nonprivate"]["epoch_s"]) == spec.repeats
+        for mode in spec.modes:
+            row = model[mode]
+            assert len(row["epoch_s"]) == spec.repeats
+            for key in ("time_ratio", "cpu_time_ratio", "peak_memory_ratio",
+                        "peak_rss_ratio_process"):
+                assert math.isfinite(row[key]) and row[key] > 0, key
+            # Training memory counts the weights at least: float32, 4 bytes each.
+            assert row["training_memory_mb"] >= model["parameters"] * 4 / 2**20 - 0.01
+            assert row["peak_rss_mb"] > row["training_memory_mb"]
+
+
+def test_profile_times_every_phase_and_each_fix(profile):
+    from simulations.benchmarks.client_profile import PHASES
+
+    phases = {p["phase"]: p for p in profile["phases"]}
+    assert set(phases) == {*PHASES, "other"}
+    assert sum(p["cpu_s"] for p in phases.values()) == pytest.approx(
+        profile["cpu_s_per_call"], abs=0.01 + 0.05 * profile["cpu_s_per_call"])
+    assert phases["DP-SGD epoch (Opacus)"]["cpu_s"] > 0  # the handler really trained
+    assert [w["variant"] for w in profile["what_if"]] == list(TINY.profile.what_if)
+    assert all(w["cpu_s"] > 0 for w in profile["what_if"])
+    assert profile["top_self_cpu"]
+
+
+def test_central_and_nonprivate_accuracy_in_process():
+    from simulations.benchmarks.accuracy import _central_dp, _nonprivate
+
+    spec = TINY.accuracy_vs_epsilon
+    central = _central_dp(spec, 3.0)
+    plain = _nonprivate(spec)
+    assert 0.0 <= central["accuracy"] <= 1.0 and 0.0 <= plain["accuracy"] <= 1.0
+    # σ was calibrated for the whole schedule: the ε spent stays within the target.
+    assert 0 < central["epsilon"] <= 3.0
+    assert central["noise_multiplier"] > 0
+
+
+def test_report_and_targets_from_in_process_sections(tmp_path, dp_overhead, profile):
+    results = {"suite": "tiny", "description": TINY.description, "machine": {},
+               "dp_overhead": dp_overhead, "profile": profile}
+    write_report(results, tmp_path)
+    text = (tmp_path / "results.md").read_text()
+    for heading in ("## Targets", "## DP cost", "## Where a client's time goes",
+                    "## Simulation throughput", "## Memory growth", "## Accuracy against ε"):
+        assert heading in text
+    assert (tmp_path / "dp_overhead.png").stat().st_size > 0
+    rows = {row["name"]: row for row in targets(results)}
+    assert len(rows) == 8
+    # Not measured in this run: reported as such, not as a pass or a failure.
+    assert rows["memory_growth, round ? ÷ round ?"]["met"] is None
+
+
+def test_cli_refuses_an_unknown_section(tmp_path, capsys):
+    with pytest.raises(SystemExit) as ex:
+        bench_main(["tiny", "--out", str(tmp_path), "--only", "speed"])
+    assert ex.value.code == 2
+    assert "unknown section" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_simulation_section_and_the_run_summaries(tmp_path, monkeypatch):
+    """One fedpriv and one naive Ray simulation (2 clients, 2 rounds) through the CLI.
+
+    The memory-growth and federated-accuracy summaries are then read from the
+    same fedpriv run, so that the test starts Ray only twice.
+    """
+    from simulations.benchmarks import throughput
+    from simulations.benchmarks.accuracy import federated_result
+    from simulations.benchmarks.memory import summarise_memory
+
+    runs = []
+    original = throughput.summarise_run
+
+    def keep(run, round_s, sampled):
+        runs.append(run)
+        return original(run, round_s, sampled)
+
+    monkeypatch.setattr(throughput, "summarise_run", keep)
+    code = bench_main(["tiny", "--out", str(tmp_path), "--only", "simulation"])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert code == 0, results["simulation"].get("error")
+    assert set(SECTIONS) <= set(results["config"]) and results["targets"]
+    assert (tmp_path / "results.md").is_file() and (tmp_path / "simulation.png").is_file()
+    sim = results["simulation"]
+    size = sim["sizes"]["2"]
+    rounds = TINY.simulation.rounds
+    for kind in ("fedpriv", "naive"):
+        run = size[kind]
+        assert len(run["round_s"]) == rounds
+        assert run["updates_per_s"] > 0 and run["cpu_s_per_update"] > 0
+        assert run["workers"] >= 1 and run["peak_rss_per_worker_mb"] > 0
+        assert run["peak_rss_total_mb"] >= run["peak_rss_workers_sum_mb"]
+    assert size["speedup_vs_naive"] > 0
+    assert sim["fedpriv_peak_rss_per_worker_mb"] == size["fedpriv"]["peak_rss_per_worker_mb"]
+
+    fedpriv_run = next(r for r in runs if r.log.name == "fedpriv.out")
+    memory = summarise_memory(fedpriv_run, early=1, late=rounds)
+    assert memory["ratio"] > 0
+    assert set(memory["by_group"]) >= {"client workers", "server (simulation process)"}
+    fed = federated_result(fedpriv_run.log.parent / "run")
+    assert 0 <= fed["accuracy"] <= 1 and 0 < fed["epsilon"] <= 3.0
+    assert fed["rounds_completed"] == rounds

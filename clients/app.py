@@ -23,6 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from clients.adversary import flip_labels, poison_update
+from clients.audit import attach_canary_block, site_canaries
 from clients.charging import Caps, Refusal, caps_of, charge
 from clients.config import ClientTask, ConfigError, from_flat
 from clients.data import ArrayData
@@ -213,7 +214,10 @@ def train(msg: Message, context: Context) -> Message:
         attacking = _attacking(task, site, context)
         if attacking and task.adversary.name == "label_flip":
             train_data = flip_labels(train_data)
-        plan = _plan_and_charge(task, site, str(context.run_id), server_round, len(train_data))
+        # audit=sample: the site's included canaries are records too, charged with them.
+        canaries = site_canaries(task, site.partition_id, site.num_partitions)
+        records = len(train_data) + (canaries.included if canaries is not None else 0)
+        plan = _plan_and_charge(task, site, str(context.run_id), server_round, records)
         if isinstance(plan, Refusal):
             return _decline(msg, site, plan)
         # Charged and committed: from here a crash over-counts, never under-counts.
@@ -231,6 +235,7 @@ def train(msg: Message, context: Context) -> Message:
             noise_generator=pc.noise_generator, augment=data.augment,
             # FedProx: the server's strategy sends its mu with the round's config.
             proximal_mu=number(config, "proximal-mu") if "proximal-mu" in config else 0.0,
+            canaries=canaries.membership if canaries is not None else None,
         )
         _check_charged(plan, result.history)
         weights = model.to("cpu").state_dict()
@@ -239,8 +244,9 @@ def train(msg: Message, context: Context) -> Message:
                                     task.adversary,
                                     seed=derive_seed(task.train.seed, server_round,
                                                      site.partition_id, "adversary"))
-        return _reply(msg, site, task, plan, len(train_data), result.train_loss,
-                      ArrayRecord(weights))
+        return attach_canary_block(
+            _reply(msg, site, task, plan, len(train_data), result.train_loss,
+                   ArrayRecord(weights)), result.canary_block)
 
 
 def _attacking(task: ClientTask, site: Site, context: Context) -> bool:

@@ -25,6 +25,7 @@ __all__ = [
     "TrainConfig",
     "PrivacyConfig",
     "AdversaryConfig",
+    "AuditConfig",
     "ClientTask",
     "build",
     "flatten",
@@ -42,6 +43,7 @@ ACCOUNTANTS = ("rdp", "prv")
 NOISE_GENERATORS = ("torch", "secure")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 ATTACKS = ("none", "sign_flip", "scale", "gaussian", "nan", "label_flip")
+AUDITS = ("none", "sample", "client")
 
 
 class ConfigError(ValueError):
@@ -317,6 +319,35 @@ class AdversaryConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """Empirical privacy audit with canaries (``clients.audit``, ``server.empirical``).
+
+    ``name``: ``none``; ``sample`` (Dirac canaries inside each site's DP-SGD,
+    Poisson-sampled like real records, before the noise); ``client`` (canary
+    updates inside client-level DP). ``num_canaries``: m for the whole run.
+    ``significance``: the lower bound on ε holds with probability
+    ``1 - significance`` (``privacy.empirical.audit_from_scores``).
+    """
+
+    name: str = "none"
+    num_canaries: int = 1000
+    significance: float = 0.05
+
+    def __post_init__(self) -> None:
+        from privacy.empirical import DEFAULT_GUESS_FRACTIONS, guess_counts
+
+        require(self.name in AUDITS, "audit.name", self.name,
+                f"unknown audit; choose one of {list(AUDITS)}")
+        require(0 < self.significance < 1, "audit.significance", self.significance,
+                "must be in (0, 1)")
+        try:  # the guessing rules need enough canaries to make a guess each
+            guess_counts(self.num_canaries, DEFAULT_GUESS_FRACTIONS)
+        except ValueError as ex:
+            raise ConfigError(f"audit.num_canaries={self.num_canaries!r}: too few for the "
+                              f"guessing rules ({ex})") from ex
+
+
+@dataclass(frozen=True)
 class ClientTask:
     """Everything the server tells a client about the task (sent every round)."""
 
@@ -325,6 +356,7 @@ class ClientTask:
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
 
 # --------------------------------------------------------------------------

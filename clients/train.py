@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from clients.canary import CanaryDataset, canary_weights, masked_loss, with_canaries
 from clients.config import ClientTask
 from clients.data import ArrayData
 from clients.preprocess import Augment
@@ -33,6 +34,7 @@ class RoundResult:
     sample_rate: float
     train_loss: float
     noise_generator: str
+    canary_block: np.ndarray | None = None  # audit=sample: the block's final values
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -82,7 +84,8 @@ def add_proximal_term(optimizer: torch.optim.Optimizer, anchors: list[torch.Tens
 
 def _make_private(model: nn.Module, data: ArrayData, task: ClientTask, *, lr: float,
                   noise_multiplier: float, history: list[Release], seed: int,
-                  augment: Augment | None = None, proximal_mu: float = 0.0) -> tuple:
+                  augment: Augment | None = None, proximal_mu: float = 0.0,
+                  canaries: np.ndarray | None = None) -> tuple:
     """Opacus' engine with its accountant loaded with the whole history."""
     from opacus import PrivacyEngine
 
@@ -94,6 +97,8 @@ def _make_private(model: nn.Module, data: ArrayData, task: ClientTask, *, lr: fl
         # clipped gradient per step, so the Poisson accounting is unchanged.
         dataset = augment.dataset(torch.from_numpy(data.x), torch.from_numpy(data.y),
                                   generator=torch.Generator().manual_seed(seed + 1))
+    if canaries is not None:  # included canaries are records: Poisson-sampled alike
+        dataset = CanaryDataset(dataset, canaries)
     loader = DataLoader(dataset, batch_size=tcfg.batch_size, generator=generator)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=tcfg.momentum,
                                 weight_decay=tcfg.weight_decay)
@@ -130,6 +135,7 @@ def dp_train_round(
     noise_generator: str = "torch",
     augment: Augment | None = None,
     proximal_mu: float = 0.0,
+    canaries: np.ndarray | None = None,
 ) -> RoundResult:
     """Train ``model`` in place for ``task.train.local_epochs`` epochs of DP-SGD.
 
@@ -137,29 +143,38 @@ def dp_train_round(
     clipping to ``max_grad_norm`` and Gaussian noise of std
     ``noise_multiplier * max_grad_norm`` (Abadi et al. 2016), drawn from
     ``noise_generator`` (:mod:`clients.noise`). ``proximal_mu`` > 0 adds
-    FedProx's proximal term (:func:`add_proximal_term`).
+    FedProx's proximal term (:func:`add_proximal_term`). ``canaries``
+    (``audit=sample``, :mod:`clients.audit`): the membership bits of the site's
+    canaries; the included ones join the data set and a block of one coordinate
+    per canary, starting at 0, trains with the model (hooks mode only); its
+    final values are ``canary_block``. ``model`` itself stays the real model.
     """
     from clients.noise import use_noise_generator
 
     if noise_generator == "secure":
         seed = int.from_bytes(os.urandom(8), "big") >> 1
     torch.manual_seed(seed)  # Opacus draws its noise from torch's default generator
-    model.to(device).train()
+    trained = model if canaries is None else with_canaries(
+        model, len(canaries), magnitude=task.privacy.max_grad_norm)
+    trained.to(device).train()
     losses: list[float] = []
     with warnings.catch_warnings():
         # Opacus' hooks fire on the first layer although the input needs no grad.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         engine, dp_model, dp_opt, dp_crit, dp_loader = _make_private(
-            model, data, task, lr=lr, noise_multiplier=noise_multiplier, history=history,
-            seed=seed, augment=augment, proximal_mu=proximal_mu)
+            trained, data, task, lr=lr, noise_multiplier=noise_multiplier, history=history,
+            seed=seed, augment=augment, proximal_mu=proximal_mu, canaries=canaries)
         generator = use_noise_generator(dp_opt, noise_generator)
         for _ in range(task.train.local_epochs):
-            for xb, yb in dp_loader:
-                xb, yb = xb.to(device), yb.to(device)
+            for *inputs, yb in dp_loader:  # (x, y), or (x, canary_ids, y) with canaries
+                inputs, yb = [t.to(device) for t in inputs], yb.to(device)
                 dp_opt.zero_grad(set_to_none=True)
-                out = dp_model(xb)
+                out = dp_model(*inputs)
                 # An empty Poisson batch still costs a step: noise only.
-                loss = dp_crit(out, yb) if len(yb) else out.sum() * 0.0
+                if canaries is not None:
+                    loss = masked_loss(out, yb, inputs[1])
+                else:
+                    loss = dp_crit(out, yb) if len(yb) else out.sum() * 0.0
                 loss.backward()
                 dp_opt.step()
                 if len(yb):
@@ -173,6 +188,7 @@ def dp_train_round(
         sample_rate=float(dp_loader.sample_rate),
         train_loss=float(np.mean(losses)) if losses else float("nan"),
         noise_generator=generator,
+        canary_block=None if canaries is None else canary_weights(trained),
     )
 
 

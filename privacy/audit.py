@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from privacy.accounting import ACCOUNTANTS, EpsilonMemo, GaussianRelease
+from privacy.empirical_audit import check_empirical
 from privacy.ledger import LEDGER_FILE, Charge, Ledger, LedgerError, LedgerRow
 from privacy.report import AuditReport, Finding, SiteAudit
 
@@ -337,6 +338,9 @@ def audit_run(run_dir: str | Path, *, delta: float | None = None,
     memo = EpsilonMemo()
     sites = [_audit_site(name, sr, run, float(run_delta), accountant, memo, findings)
              for name, sr in sorted(site_rows.items()) if sr.charges]
+    # audit=sample: the canaries' lower bound against the claimed epsilon.
+    empirical, found = check_empirical(path, sites, delta=float(run_delta), summary=run.summary)
+    findings.extend(found)
     if run.evaluates:
         findings.append(Finding(
             "warning", "evaluation_not_private",
@@ -352,4 +356,5 @@ def audit_run(run_dir: str | Path, *, delta: float | None = None,
         sites=sites, findings=findings, accuracy_by_round=_accuracy_curve(run, sites),
         stop_reason=stop, config_hash=run.config_hash, versions=_versions(),
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), site_ledgers=checked,
+        empirical=empirical,
     )

@@ -9,7 +9,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Finding", "SiteAudit", "AuditReport"]
+__all__ = ["Finding", "SiteAudit", "EmpiricalSummary", "AuditReport"]
 
 SEVERITIES = ("error", "warning", "info")
 
@@ -65,6 +65,35 @@ class SiteAudit:
 
 
 @dataclass
+class EmpiricalSummary:
+    """The canary audit of the run (``audit_empirical.json``), recomputed at the audit's δ.
+
+    ``epsilon_lb`` is recomputed from the recorded scores and membership bits
+    (``privacy.empirical.audit_from_scores``); ``recorded_epsilon_lb`` is what
+    the run wrote. ``claimed_epsilon`` is the largest recomputed sample-level ε
+    (run accountant) of the sites with canaries, ``claimed_site`` that site;
+    ``claimed_by_accountant`` the same with each accountant. ``ceiling`` is the
+    largest ε_lb the run could show; ``gdp_epsilon_estimate`` is an estimate,
+    not a bound (``None`` when infinite).
+    """
+
+    level: str
+    m: int
+    members: int
+    guesses: int
+    correct: int
+    epsilon_lb: float
+    ceiling: float
+    gdp_epsilon_estimate: float | None
+    significance: float
+    delta: float
+    claimed_epsilon: float | None
+    claimed_site: str | None
+    claimed_by_accountant: dict[str, float | None]
+    recorded_epsilon_lb: float | None
+
+
+@dataclass
 class AuditReport:
     """Everything ``fedpriv audit`` shows, in one object."""
 
@@ -84,6 +113,7 @@ class AuditReport:
     versions: dict[str, str]
     created_at: str
     site_ledgers: dict[str, str] = field(default_factory=dict)  # site -> path checked
+    empirical: EmpiricalSummary | None = None  # the canary audit, when the run made one
 
     @property
     def ok(self) -> bool:

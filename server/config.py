@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clients.audit import check_audit
 from clients.config import (
     AdversaryConfig,
+    AuditConfig,
     ClientTask,
     ConfigError,
     DatasetConfig,
@@ -141,6 +143,7 @@ class RunConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def __post_init__(self) -> None:
         n = self.simulation.num_clients
@@ -153,6 +156,7 @@ class RunConfig:
         a = self.adversary
         require(a.num_clients <= n, "adversary.num_clients", a.num_clients,
                 f"more adversaries than clients (simulation.num_clients={n})")
+        check_audit(self.task, n)
         flwr_log = logging.getLogger("flwr")
         level = flwr_log.level
         flwr_log.setLevel(logging.ERROR)  # a trial build: no "evaluation skipped" warning
@@ -166,7 +170,7 @@ class RunConfig:
     @property
     def task(self) -> ClientTask:
         return ClientTask(dataset=self.dataset, model=self.model, train=self.train,
-                          privacy=self.privacy, adversary=self.adversary)
+                          privacy=self.privacy, adversary=self.adversary, audit=self.audit)
 
 
 def load_run_config(data: Mapping[str, Any]) -> RunConfig:

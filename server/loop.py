@@ -32,6 +32,7 @@ from clients.state import STATE_ROOT_KEY
 from clients.train import pick_device, predict
 from server.config import RunConfig
 from server.console import RoundReporter
+from server.empirical import CanaryAudit
 from server.evaluation import classification_metrics
 from server.ledger import ServerLedger
 from server.replies import ClientFailedError, RoundSender
@@ -136,6 +137,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
     smoothed: dict[str, torch.Tensor] | None = None
     outcome = _Outcome()
     send = RoundSender()  # lost sites are recorded per round, the round goes on
+    canaries = CanaryAudit(cfg)  # audit=sample: each site's canary block, scored at the end
     try:
         stats = None
         if statistics_step(cfg.dataset) is not None:
@@ -168,6 +170,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
                 replies = send(grid, budget.configure_train(rnd, arrays, config, grid),
                                 s.round_timeout, f"training round {rnd}")
                 trained, declined = budget.split(replies)
+                canaries.collect(rnd, lr, trained)  # out of the replies: never aggregated
                 for d in declined:
                     log.warning("round %d: site %s did not train (%s): %s", rnd, d.site,
                                 d.status, d.reason)
@@ -225,6 +228,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
                                else arrays.to_torch_state_dict())
         outcome.rejections_per_client = stack.rejection_counts()
         summary = _summary(cfg, central, ledger, outcome, time.perf_counter() - t0)
+        summary["epsilon_empirical_lower_bound"] = canaries.finish(ledger, run_dir.path)
         run_dir.write_summary(summary)
     finally:
         ledger.close()

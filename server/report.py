@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-from privacy.report import AuditReport, Finding, SiteAudit
+from privacy.empirical_audit import BUG_CAUSES
+from privacy.report import AuditReport, EmpiricalSummary, Finding, SiteAudit
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -133,6 +134,34 @@ def _grouped(findings: list[Finding]) -> list[tuple[str, list[Finding]]]:
 def _where(finding: Finding) -> str:
     parts = [] if finding.site is None else [f"site {finding.site}"]
     return ", ".join(parts + ([] if finding.seq is None else [f"ledger row {finding.seq}"]))
+
+
+def _empirical_rows(e: EmpiricalSummary, accountant: str) -> list[tuple[str, str]]:
+    """The canary audit's figures, ε_lb beside the accountants' ε."""
+    confidence = f"{1 - e.significance:.0%}"
+    by_acc = _order(e.claimed_by_accountant, ACCOUNTANT_ORDER)
+    return [
+        (f"empirical lower bound ε_lb ({e.level}-level canaries; holds with probability "
+         f"{confidence})", _eps(e.epsilon_lb)),
+        (f"claimed ε ({accountant}; the largest of the sites with canaries: "
+         f"{_opt(e.claimed_site)})", _eps(e.claimed_epsilon)),
+        *[(f"claimed ε, {a}", _eps(e.claimed_by_accountant[a])) for a in by_acc],
+        (f"ceiling: the largest ε_lb this run could show (m = {e.m})", _eps(e.ceiling)),
+        ("Gaussian-DP estimate (an estimate, not a bound)", _eps(e.gdp_epsilon_estimate)),
+        ("guesses", f"{e.correct} right of {e.guesses} ({e.m} canaries, {e.members} in)"),
+    ]
+
+
+def _empirical_verdict(e: EmpiricalSummary) -> str:
+    if e.claimed_epsilon is None:
+        return "No site with canaries has a sample-level release: no claim to test."
+    if e.epsilon_lb > e.claimed_epsilon:
+        return (f"ε_lb > claimed ε: the empirical lower bound exceeds the claimed ε, evidence "
+                f"of a privacy bug ({BUG_CAUSES}).")
+    ceiling = "" if e.claimed_epsilon <= e.ceiling else (
+        " The claimed ε is above the ceiling: this run cannot refute it.")
+    return ("ε_lb ≤ claimed ε: this run did not refute the claim (a lower bound below the "
+            "claim is no evidence that the claim holds)." + ceiling)
 
 
 # --------------------------------------------------------------------------- plots
@@ -321,6 +350,12 @@ def render_markdown(report: AuditReport, plots_dir: Path | None = None) -> str:
                       f"releases; {ABSENT}: no releases at that level; ∞: unbounded."]
     else:
         lines.append("No sites.")
+    if report.empirical is not None:
+        lines += ["", "## Empirical audit (canaries)", ""]
+        lines += _md_table(["", f"ε at δ={report.empirical.delta:g}"],
+                           [list(r) for r in _empirical_rows(report.empirical,
+                                                             report.accountant)])
+        lines += ["", _md(_empirical_verdict(report.empirical))]
     if plots_dir is not None:
         plots_dir.mkdir(parents=True, exist_ok=True)
         (plots_dir / EPSILON_PLOT).write_bytes(plot_epsilon_by_round(report))
@@ -409,6 +444,17 @@ def _html_findings(report: AuditReport) -> str:
             f"<th>ledger row</th><th>message</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
+def _html_empirical(report: AuditReport) -> str:
+    e = report.empirical
+    if e is None:
+        return ""
+    rows = "".join(f"<tr><th>{_e(k)}</th><td class=\"num\">{_e(v)}</td></tr>"
+                   for k, v in _empirical_rows(e, report.accountant))
+    return (f'<h2>Empirical audit (canaries)</h2><table id="empirical"><thead><tr><th></th>'
+            f"<th>ε at δ={_e(f'{e.delta:g}')}</th></tr></thead><tbody>{rows}</tbody></table>"
+            f'<p class="note" id="empirical-verdict">{_e(_empirical_verdict(e))}</p>')
+
+
 def _img(png: bytes, alt: str) -> str:
     data = base64.b64encode(png).decode("ascii")
     return f'<figure><img src="data:image/png;base64,{data}" alt="{_e(alt)}"></figure>'
@@ -456,6 +502,7 @@ def render_html(report: AuditReport) -> str:
 {f'<p>Hash chain problems:</p><ul id="chain-problems">{problems}</ul>' if problems else ''}
 <h2>Sites</h2>
 {_html_sites(report)}
+{_html_empirical(report)}
 <h2>Plots</h2>
 {_img(plot_epsilon_by_round(report), _EPS_ALT)}
 {_img(plot_accuracy_vs_epsilon(report), _ACC_ALT)}

@@ -132,17 +132,16 @@ def federated_result(run_dir: Path) -> dict[str, Any]:
 
 
 def run_accuracy(spec: AccuracySpec, work: Path) -> dict[str, Any]:
-    """The ``accuracy_vs_epsilon`` section."""
+    """The ``accuracy_vs_epsilon`` section.
+
+    ε = 3 (the targets' ε) runs first; ``work/partial.json`` is rewritten after
+    every training run, so a long suite shows what it has so far.
+    """
     import warnings
 
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-    federated: dict[str, dict[str, Any]] = {}
-    for partitioner in spec.partitioners:
-        federated[partitioner] = {
-            str(float(eps)): _federated(spec, partitioner, eps,
-                                        work / f"{partitioner}-eps{eps:g}")
-            for eps in spec.federated_epsilons}
-    return {
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"opacus\.")
+    result: dict[str, Any] = {
         "method": (f"`{spec.dataset}`, `{spec.model}` {list(spec.overrides)}, batch "
                    f"{spec.batch_size}, lr {spec.lr}, δ = {spec.delta:g}. fedpriv: "
                    f"{spec.num_clients} clients, {spec.rounds} rounds × {spec.local_epochs} "
@@ -153,7 +152,29 @@ def run_accuracy(spec: AccuracySpec, work: Path) -> dict[str, Any]:
                    f"0.9), {spec.epochs} epochs; accuracy on the server's held-out test split"),
         "dataset": spec.dataset, "model": spec.model, "num_clients": spec.num_clients,
         "delta": spec.delta,
-        "federated": federated,
-        "central": {str(float(eps)): _central_dp(spec, eps) for eps in spec.epsilons},
-        "nonprivate": _nonprivate(spec),
+        "federated": {p: {} for p in spec.partitioners}, "central": {}, "nonprivate": None,
     }
+    work.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        (work / "partial.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    for eps in sorted(set(spec.epsilons) | set(spec.federated_epsilons),
+                      key=lambda e: (abs(e - 3.0), e)):
+        key = str(float(eps))
+        if eps in spec.federated_epsilons:
+            for partitioner in spec.partitioners:
+                result["federated"][partitioner][key] = _federated(
+                    spec, partitioner, eps, work / f"{partitioner}-eps{eps:g}")
+                save()
+        if eps in spec.epsilons:
+            result["central"][key] = _central_dp(spec, eps)
+            save()
+        if result["nonprivate"] is None:
+            result["nonprivate"] = _nonprivate(spec)
+            save()
+    result["central"] = dict(sorted(result["central"].items(), key=lambda kv: float(kv[0])))
+    for partitioner, by_eps in result["federated"].items():
+        result["federated"][partitioner] = dict(sorted(by_eps.items(),
+                                                       key=lambda kv: float(kv[0])))
+    return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import time
 import traceback
 from collections.abc import Callable
@@ -84,6 +85,11 @@ def _write(out: Path, results: dict[str, Any], t0: float) -> None:
     from simulations.benchmarks.report import targets, write_report
 
     results["wall_s"] = round(time.perf_counter() - t0, 1)
+    # CPU seconds of this process and every child it waited for (their own children
+    # included): on an idle machine the suite needs at least this ÷ the core count.
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                 resource.RUSAGE_CHILDREN)]
+    results["cpu_s"] = round(sum(u.ru_utime + u.ru_stime for u in usage), 1)
     results["load_average_end"] = list(os.getloadavg())
     results["targets"] = targets(results)
     tmp = out / "results.json.tmp"

@@ -29,8 +29,8 @@ from typing import Any
 from simulations.benchmarks.measure import ProcStats, TreeMonitor, median
 from simulations.benchmarks.suites import ThroughputSpec
 
-__all__ = ["MonitoredRun", "fedpriv_command", "run_monitored", "run_throughput",
-           "is_client_worker", "summarise_run"]
+__all__ = ["MonitoredRun", "fedpriv_command", "fedpriv_overrides", "run_monitored",
+           "run_throughput", "is_client_worker", "summarise_run"]
 
 # Shared by fedpriv and the baseline (fedpriv's defaults for these keys).
 LR, MAX_GRAD_NORM, DELTA, BATCH_SIZE = 1.5, 1.0, 1e-5, 128
@@ -75,19 +75,25 @@ def run_monitored(cmd: list[str], log: Path, timeout_s: float,
     return MonitoredRun(code, time.perf_counter() - t0, monitor, log)
 
 
-def fedpriv_command(*, dataset: str, model: str, clients: int, sampled: int, rounds: int,
-                    run_dir: Path, batch_size: int = BATCH_SIZE, lr: float = LR,
-                    federated_evaluation: bool = False, extra: tuple[str, ...] = ()) -> list[str]:
-    """``fedpriv simulate`` with ``sampled`` of ``clients`` training each round."""
+def fedpriv_overrides(*, dataset: str, model: str, clients: int, sampled: int, rounds: int,
+                      batch_size: int = BATCH_SIZE, lr: float = LR,
+                      federated_evaluation: bool = False,
+                      extra: tuple[str, ...] = ()) -> list[str]:
+    """hydra overrides for ``sampled`` of ``clients`` training each round."""
     evaluation = [] if federated_evaluation else ["strategy.fraction_evaluate=0",
                                                   "strategy.min_evaluate_clients=0"]
-    return [sys.executable, "-m", "simulations.cli", "simulate", f"dataset={dataset}",
-            f"model={model}", f"simulation.num_clients={clients}",
+    return [f"dataset={dataset}", f"model={model}", f"simulation.num_clients={clients}",
             f"strategy.fraction_train={sampled / clients!r}",
             f"strategy.min_train_clients={sampled}", *evaluation, f"train.rounds={rounds}",
             f"train.batch_size={batch_size}", f"train.lr={lr}",
             f"privacy.max_grad_norm={MAX_GRAD_NORM}", f"privacy.delta={DELTA}",
-            "output.progress=false", f"hydra.run.dir={run_dir}", *extra]
+            "output.progress=false", *extra]
+
+
+def fedpriv_command(*, run_dir: Path, **kwargs: Any) -> list[str]:
+    """``fedpriv simulate`` with :func:`fedpriv_overrides`, writing to ``run_dir``."""
+    return [sys.executable, "-m", "simulations.cli", "simulate", *fedpriv_overrides(**kwargs),
+            f"hydra.run.dir={run_dir}"]
 
 
 def summarise_run(run: MonitoredRun, round_s: list[float], sampled: int) -> dict[str, Any]:
@@ -115,14 +121,18 @@ def summarise_run(run: MonitoredRun, round_s: list[float], sampled: int) -> dict
     }
 
 
-def _fedpriv(spec: ThroughputSpec, size: int, sampled: int, work: Path) -> dict[str, Any]:
+def _fedpriv(spec: ThroughputSpec, size: int, sampled: int, work: Path,
+             with_fixes: bool = False) -> dict[str, Any]:
     run_dir = work / "run"
-    run = run_monitored(fedpriv_command(dataset=spec.dataset, model=spec.model, clients=size,
-                                        sampled=sampled, rounds=spec.rounds, run_dir=run_dir,
-                                        extra=spec.overrides),
-                        work / "fedpriv.out", spec.timeout_s, run_dir / "metrics.jsonl")
+    overrides = fedpriv_overrides(dataset=spec.dataset, model=spec.model, clients=size,
+                                  sampled=sampled, rounds=spec.rounds, extra=spec.overrides)
+    cmd = ([sys.executable, "-m", "simulations.benchmarks.whatif", str(run_dir), *overrides]
+           if with_fixes else fedpriv_command(run_dir=run_dir, dataset=spec.dataset,
+                                              model=spec.model, clients=size, sampled=sampled,
+                                              rounds=spec.rounds, extra=spec.overrides))
+    run = run_monitored(cmd, work / "fedpriv.out", spec.timeout_s, run_dir / "metrics.jsonl")
     if run.returncode != 0:
-        raise RuntimeError(f"fedpriv simulate failed ({run.returncode}); see {run.log}:\n"
+        raise RuntimeError(f"fedpriv simulation failed ({run.returncode}); see {run.log}:\n"
                            + run.log.read_text()[-3000:])
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     trained = [len(r["clients"]) for r in rows]
@@ -160,24 +170,33 @@ def run_throughput(spec: ThroughputSpec, work: Path) -> dict[str, Any]:
     sizes: dict[str, Any] = {}
     for size in spec.sizes:
         sampled = min(spec.sampled, size)
-        runs: dict[str, list[dict[str, Any]]] = {"fedpriv": [], "naive": []}
+        kinds = ("fedpriv", "naive", *(("fedpriv_with_fixes",) if size in spec.what_if_sizes
+                                       else ()))
+        runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
         for rep in range(spec.repeats):
-            # Alternate which goes first, so that a drift in the machine's load
-            # does not always favour the same side.
-            order = ("fedpriv", "naive") if rep % 2 == 0 else ("naive", "fedpriv")
-            for kind in order:
+            # Alternate the order, so that a drift in the machine's load does not
+            # always favour the same side.
+            for kind in (kinds if rep % 2 == 0 else kinds[::-1]):
                 where = work / f"{size}-clients" / f"{kind}-{rep}"
-                fn = _fedpriv if kind == "fedpriv" else _naive
-                runs[kind].append(fn(spec, size, sampled, where))
-        fed, naive = _median_of(runs["fedpriv"]), _median_of(runs["naive"])
-        speedup = (fed["updates_per_s"] / naive["updates_per_s"]
-                   if fed.get("updates_per_s") and naive.get("updates_per_s") else None)
-        cpu_speedup = (naive["cpu_s_per_update"] / fed["cpu_s_per_update"]
-                       if fed.get("cpu_s_per_update") and naive.get("cpu_s_per_update")
-                       else None)
-        sizes[str(size)] = {"sampled": sampled, "fedpriv": fed, "naive": naive,
-                            "speedup_vs_naive": speedup,
-                            "speedup_vs_naive_cpu": cpu_speedup}
+                if kind == "naive":
+                    runs[kind].append(_naive(spec, size, sampled, where))
+                else:
+                    runs[kind].append(_fedpriv(spec, size, sampled, where,
+                                               with_fixes=kind == "fedpriv_with_fixes"))
+        row: dict[str, Any] = {"sampled": sampled}
+        naive = row["naive"] = _median_of(runs["naive"])
+        for kind in kinds:
+            if kind == "naive":
+                continue
+            fed = row[kind] = _median_of(runs[kind])
+            suffix = "" if kind == "fedpriv" else "_with_fixes"
+            row["speedup_vs_naive" + suffix] = (
+                fed["updates_per_s"] / naive["updates_per_s"]
+                if fed.get("updates_per_s") and naive.get("updates_per_s") else None)
+            row["speedup_vs_naive_cpu" + suffix] = (
+                naive["cpu_s_per_update"] / fed["cpu_s_per_update"]
+                if fed.get("cpu_s_per_update") and naive.get("cpu_s_per_update") else None)
+        sizes[str(size)] = row
     per_worker = [v["fedpriv"]["peak_rss_per_worker_mb"] for v in sizes.values()
                   if v["fedpriv"].get("peak_rss_per_worker_mb")]
     naive_worker = [v["naive"]["peak_rss_per_worker_mb"] for v in sizes.values()
@@ -190,7 +209,10 @@ def run_throughput(spec: ThroughputSpec, work: Path) -> dict[str, Any]:
                    f"updates/s ÷ the baseline's (speedup_vs_naive_cpu: the same with CPU "
                    f"seconds per update of the whole process tree, Ray's start-up included); "
                    f"median of {spec.repeats} run(s), order alternated; peak RSS: the "
-                   f"kernel's high-water mark of each Ray ClientAppActor process"),
+                   f"kernel's high-water mark of each Ray ClientAppActor process. "
+                   f"fedpriv_with_fixes (at {list(spec.what_if_sizes)} clients): the same "
+                   f"simulation with the suggested client memos patched in "
+                   f"(simulations/benchmarks/whatif.py), a projection, not fedpriv as is"),
         "dataset": spec.dataset, "model": spec.model, "rounds": spec.rounds,
         "repeats": spec.repeats, "sizes": sizes,
         "fedpriv_peak_rss_per_worker_mb": max(per_worker) if per_worker else None,

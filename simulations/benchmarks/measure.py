@@ -63,6 +63,7 @@ class ProcStats:
     rss_kb: int
     hwm_kb: int
     cpu_s: float
+    anon_kb: int = 0  # private memory (RssAnon): what the process does not share
 
 
 def proc_stats(pid: int) -> ProcStats | None:
@@ -80,7 +81,8 @@ def proc_stats(pid: int) -> ProcStats | None:
     rss, hwm = read_status_kb("VmRSS", pid), read_status_kb("VmHWM", pid)
     if rss is None or hwm is None:  # a zombie has no memory fields
         return None
-    return ProcStats(pid, ppid, cmd[:120], rss, hwm, (utime + stime) / _TICK)
+    return ProcStats(pid, ppid, cmd[:120], rss, hwm, (utime + stime) / _TICK,
+                     read_status_kb("RssAnon", pid) or 0)
 
 
 def descendants(root: int) -> list[int]:
@@ -166,6 +168,15 @@ class TreeMonitor:
         for p in self.last_by_pid().values():
             if match(p):
                 peaks[p.pid] = max(p.hwm_kb, peaks.get(p.pid, 0))
+        return peaks
+
+    def peak_anon_by_pid(self, match: Callable[[ProcStats], bool]) -> dict[int, int]:
+        """Largest sampled private (anonymous) memory, kB, of each matching process."""
+        peaks: dict[int, int] = {}
+        for s in self.samples:
+            for p in s.procs:
+                if match(p):
+                    peaks[p.pid] = max(p.anon_kb, peaks.get(p.pid, 0))
         return peaks
 
     def peak_total_rss_kb(self, match: Callable[[ProcStats], bool] = lambda p: True) -> int:

@@ -144,12 +144,13 @@ def _sim_section(r: dict[str, Any], out: Path) -> list[str]:
             suffix = "_with_fixes" if kind == "fedpriv_with_fixes" else ""
             rows.append([size, v.get("sampled"), kind, k.get("updates_per_s"),
                          k.get("round_s"), k.get("cpu_s_per_update"), k.get("wall_s"),
-                         k.get("peak_rss_per_worker_mb"), k.get("peak_rss_total_mb"),
-                         v.get("speedup_vs_naive" + suffix),
+                         k.get("peak_rss_per_worker_mb"), k.get("peak_private_per_worker_mb"),
+                         k.get("peak_rss_total_mb"), v.get("speedup_vs_naive" + suffix),
                          v.get("speedup_vs_naive_cpu" + suffix)])
     lines += _table(["clients", "sampled/round", "path", "updates/s", "round s (median)",
-                     "CPU s/update", "wall s (all)", "peak RSS/worker MB", "peak RSS total MB",
-                     "speedup_vs_naive", "by CPU s/update"], rows)
+                     "CPU s/update", "wall s (all)", "peak RSS/worker MB",
+                     "private MB/worker", "peak RSS total MB", "speedup_vs_naive",
+                     "by CPU s/update"], rows)
 
     def draw(ax: Any) -> None:
         sizes = [int(s) for s in sim["sizes"]]

@@ -101,6 +101,7 @@ def summarise_run(run: MonitoredRun, round_s: list[float], sampled: int) -> dict
     steady = round_s[1:] or round_s
     rate = sampled / m if (m := median(steady)) else None
     workers = run.monitor.peak_by_pid(is_client_worker)
+    anon = run.monitor.peak_anon_by_pid(is_client_worker)
     updates = sampled * len(round_s)
     cpu = run.monitor.cpu_seconds()
     return {
@@ -113,6 +114,8 @@ def summarise_run(run: MonitoredRun, round_s: list[float], sampled: int) -> dict
         "cpu_s_per_update": round(cpu / updates, 3) if updates else None,
         "workers": len(workers),
         "peak_rss_per_worker_mb": round(max(workers.values()) / 1024, 1) if workers else None,
+        # Without the pages shared with other processes (torch's libraries, mostly).
+        "peak_private_per_worker_mb": round(max(anon.values()) / 1024, 1) if anon else None,
         "peak_rss_workers_sum_mb": round(run.monitor.peak_total_rss_kb(is_client_worker) / 1024,
                                          1),
         "peak_rss_total_mb": round(run.monitor.peak_total_rss_kb() / 1024, 1),

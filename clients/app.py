@@ -28,6 +28,7 @@ from clients.charging import Caps, Refusal, caps_of, charge
 from clients.config import ClientTask, ConfigError, from_flat
 from clients.data import ArrayData
 from clients.loaders import LoaderError
+from clients.local_dp import local_release, privatize_update
 from clients.models import build_model
 from clients.noise import secure_gaussian
 from clients.preprocess import STATISTICS_SENSITIVITY, PreprocessError, local_statistics
@@ -49,7 +50,7 @@ from clients.sitedata import (
     statistics_step,
 )
 from clients.state import Site, run_history, site_history, site_of
-from clients.train import dp_train_round, pick_device, predict
+from clients.train import dp_train_round, pick_device, plain_train_round, predict
 from privacy import (
     GaussianRelease,
     calibrate_noise_multiplier,
@@ -217,9 +218,14 @@ def train(msg: Message, context: Context) -> Message:
         # audit=sample: the site's included canaries are records too, charged with them.
         canaries = site_canaries(task, site.partition_id, site.num_partitions)
         records = len(train_data) + (canaries.included if canaries is not None else 0)
+        if "sample" not in pc.levels:
+            return _train_without_sample_dp(msg, context, task, site, train_data, attacking)
         plan = _plan_and_charge(task, site, str(context.run_id), server_round, records)
         if isinstance(plan, Refusal):
             return _decline(msg, site, plan)
+        local = _charge_local(task, site, str(context.run_id), server_round, records)
+        if isinstance(local, Refusal):
+            return _decline(msg, site, local)
         # Charged and committed: from here a crash over-counts, never under-counts.
         model = _model(task, train_data, array_record(msg.content))
         torch.set_num_threads(max(1, integer(config, "num-threads")))
@@ -239,14 +245,83 @@ def train(msg: Message, context: Context) -> Message:
         )
         _check_charged(plan, result.history)
         weights = model.to("cpu").state_dict()
+        if local is not None:
+            weights = _local_dp(weights, msg, task, site, server_round, local)
         if attacking and task.adversary.name != "label_flip":
             weights = poison_update(weights, array_record(msg.content).to_torch_state_dict(),
                                     task.adversary,
                                     seed=derive_seed(task.train.seed, server_round,
                                                      site.partition_id, "adversary"))
-        return attach_canary_block(
-            _reply(msg, site, task, plan, len(train_data), result.train_loss,
-                   ArrayRecord(weights)), result.canary_block)
+        reply = _reply(msg, site, task, plan, len(train_data), result.train_loss,
+                       ArrayRecord(weights))
+        if local is not None:
+            reply.content["ledger-local"] = charge_record(local)
+        return attach_canary_block(reply, result.canary_block)
+
+
+def _charge_local(task: ClientTask, site: Site, run_id: str, server_round: int,
+                  n: int) -> LedgerRow | Refusal | None:
+    """Local DP (``privacy.levels`` has ``local``): check the cap, then commit this round's
+    release to the site's ledger, before anything is trained or sent."""
+    pc = task.privacy
+    if "local" not in pc.levels:
+        return None
+    with site.ledger() as ledger:
+        return charge(ledger, site=site, pc=pc, caps=caps_of(site, pc), run_id=run_id,
+                      server_round=server_round, level="local",
+                      release=local_release(pc.local_noise_multiplier),
+                      clipping_norm=pc.local_clipping_norm, num_records=n)
+
+
+def _local_dp(weights: dict[str, torch.Tensor], msg: Message, task: ClientTask, site: Site,
+              server_round: int, row: LedgerRow) -> dict[str, torch.Tensor]:
+    """The charged local release: the update clipped and noised (``clients.local_dp``)."""
+    pc = task.privacy
+    return privatize_update(
+        weights, array_record(msg.content).to_torch_state_dict(),
+        clipping_norm=pc.local_clipping_norm, noise_multiplier=pc.local_noise_multiplier,
+        noise_generator=pc.noise_generator,
+        seed=derive_seed(task.train.seed, server_round, site.partition_id, row.seq, "local"))
+
+
+def _train_without_sample_dp(msg: Message, context: Context, task: ClientTask, site: Site,
+                             train_data: ArrayData, attacking: bool) -> Message:
+    """A round without DP-SGD: plain SGD, then local DP if configured (client-level DP,
+    if configured, happens at the server). The reply carries the local charge, or
+    only the site's name when the site itself releases nothing noised."""
+    config = config_record(msg.content)
+    server_round = integer(config, "server-round")
+    pc = task.privacy
+    local = _charge_local(task, site, str(context.run_id), server_round, len(train_data))
+    if isinstance(local, Refusal):
+        return _decline(msg, site, local)
+    model = _model(task, train_data, array_record(msg.content))
+    torch.set_num_threads(max(1, integer(config, "num-threads")))
+    loss = plain_train_round(
+        model, train_data, task, lr=number(config, "lr"),
+        seed=derive_seed(task.train.seed, server_round, site.partition_id, "plain"),
+        device=pick_device(site.device),
+        proximal_mu=number(config, "proximal-mu") if "proximal-mu" in config else 0.0)
+    weights = model.to("cpu").state_dict()
+    if local is not None:
+        weights = _local_dp(weights, msg, task, site, server_round, local)
+    if attacking and task.adversary.name != "label_flip":
+        weights = poison_update(weights, array_record(msg.content).to_torch_state_dict(),
+                                task.adversary, seed=derive_seed(
+                                    task.train.seed, server_round, site.partition_id,
+                                    "adversary"))
+    cap = caps_of(site, pc).cap
+    metrics = MetricRecord({
+        "num-examples": len(train_data), "client": site.partition_id, "train_loss": loss,
+        "epsilon": 0.0, "delta": pc.delta, "noise_multiplier": 0.0, "sample_rate": 1.0,
+        "steps": 0, "total_steps": 0, "max_grad_norm": pc.max_grad_norm,
+        "epsilon-local": float(local.charge.epsilon_reported or 0.0) if local else 0.0,
+        "epsilon-cap": cap if cap is not None else -1.0, "can-afford-next": 1,
+    })
+    identity = charge_record(local) if local is not None else ConfigRecord({"site": site.name})
+    return Message(RecordDict({"arrays": ArrayRecord(weights), "metrics": metrics,
+                               "ledger" if local is not None else "site": identity}),
+                   reply_to=msg)
 
 
 def _attacking(task: ClientTask, site: Site, context: Context) -> bool:

@@ -42,6 +42,7 @@ LR_SCHEDULES = ("constant", "step", "cosine")
 ACCOUNTANTS = ("rdp", "prv")
 NOISE_GENERATORS = ("torch", "secure")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+PRIVACY_LEVELS = ("sample", "client", "local")
 ATTACKS = ("none", "sign_flip", "scale", "gaussian", "nan", "label_flip")
 AUDITS = ("none", "sample", "client")
 
@@ -233,6 +234,14 @@ class PrivacyConfig:
 
     ``noise_generator``: ``torch`` (seeded, reproducible, not cryptographically
     secure) or ``secure`` (the OS CSPRNG; see :mod:`clients.noise`).
+
+    ``levels``: which mechanisms run, any of ``sample`` (the above),
+    ``client`` (client-level central DP: the server clips each site's update to
+    ``client_clipping_norm`` and adds Gaussian noise with multiplier
+    ``client_noise_multiplier``; ``strategies.client_dp``) and ``local`` (each
+    site clips its update to ``local_clipping_norm`` and adds noise with
+    multiplier ``local_noise_multiplier`` before it leaves; ``clients.local_dp``).
+    Without ``sample``, sites train with plain SGD.
     """
 
     target_epsilon: float = 3.0
@@ -243,6 +252,11 @@ class PrivacyConfig:
     site_epsilon_cap: Any = None
     epsilon_cap: float | None = None
     noise_generator: str = "torch"
+    levels: Any = ("sample",)
+    client_noise_multiplier: float = 1.0
+    client_clipping_norm: float = 1.0
+    local_noise_multiplier: float = 1.0
+    local_clipping_norm: float = 1.0
 
     def __post_init__(self) -> None:
         require(self.target_epsilon > 0, "privacy.target_epsilon", self.target_epsilon,
@@ -256,6 +270,15 @@ class PrivacyConfig:
                  self.grad_sample_mode, f"choose one of {list(GRAD_SAMPLE_MODES)}")
         require(self.noise_generator in NOISE_GENERATORS, "privacy.noise_generator",
                  self.noise_generator, f"choose one of {list(NOISE_GENERATORS)}")
+        levels = _strings("privacy.levels", self.levels)
+        require(bool(levels) and len(set(levels)) == len(levels)
+                and set(levels) <= set(PRIVACY_LEVELS), "privacy.levels", list(levels),
+                f"a non-empty list of distinct levels from {list(PRIVACY_LEVELS)}")
+        object.__setattr__(self, "levels", levels)
+        for key in ("client_noise_multiplier", "client_clipping_norm", "local_noise_multiplier",
+                    "local_clipping_norm"):
+            value = getattr(self, key)
+            require(0 < value < math.inf, f"privacy.{key}", value, "must be a finite number > 0")
         caps = self.site_epsilon_cap
         if caps is not None:
             caps = tuple(caps) if isinstance(caps, (list, tuple)) else (caps,)

@@ -24,7 +24,8 @@ from clients.data import ArrayData
 from clients.preprocess import Augment
 from privacy import Release
 
-__all__ = ["RoundResult", "add_proximal_term", "dp_train_round", "predict", "pick_device"]
+__all__ = ["RoundResult", "add_proximal_term", "dp_train_round", "plain_train_round", "predict",
+           "pick_device"]
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,36 @@ def dp_train_round(
         noise_generator=generator,
         canary_block=None if canaries is None else canary_weights(trained),
     )
+
+
+def plain_train_round(model: nn.Module, data: ArrayData, task: ClientTask, *, lr: float,
+                      seed: int, device: torch.device, proximal_mu: float = 0.0) -> float:
+    """Train ``model`` in place with plain minibatch SGD (no per-sample clipping, no noise).
+
+    For runs without sample-level DP (``privacy.levels`` without ``sample``):
+    the update is then protected only at the site level, by client-level or
+    local DP. Shuffled batches from a generator seeded with ``seed``. Returns
+    the mean training loss.
+    """
+    tcfg = task.train
+    model.to(device).train()
+    loader = DataLoader(_tensors(data), batch_size=tcfg.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=tcfg.momentum,
+                                weight_decay=tcfg.weight_decay)
+    if proximal_mu > 0:
+        add_proximal_term(optimizer, [p.detach().clone() for p in model.parameters()],
+                          proximal_mu)
+    criterion = nn.CrossEntropyLoss()
+    losses = []
+    for _ in range(tcfg.local_epochs):
+        for xb, yb in loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(model(xb.to(device)), yb.to(device))
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    return float(np.mean(losses)) if losses else float("nan")
 
 
 @torch.no_grad()

@@ -126,6 +126,8 @@ def _check_sites(run: _Run, server_rows: list[LedgerRow], findings: list[Finding
         by_ref = {f"{name}#{r.seq}:{r.hash}": r for r in own}
         mirrored = set()
         for row in entry.charges:
+            if row.charge.level == "client" and row.charge.source is None:
+                continue  # the server's own client-level release: no site row to match
             src = by_ref.get(row.charge.source or "")
             if src is None:
                 findings.append(Finding("error", "mirror_unmatched",

@@ -32,6 +32,8 @@ from strategies import STRATEGY_BUILDERS, STRATEGY_PARAMS, Sampling, build_strat
 __all__ = ["StrategyConfig", "SimulationConfig", "OutputConfig", "RunConfig", "load_run_config"]
 
 STRATEGIES = tuple(STRATEGY_BUILDERS)
+# Strategies whose aggregate is the (equally weighted) mean: client-level DP covers them.
+CLIENT_DP_STRATEGIES = ("fedavg", "fedprox")
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,13 @@ class RunConfig:
         require(s.min_evaluate_clients <= n, "strategy.min_evaluate_clients",
                  s.min_evaluate_clients,
                  f"more clients sampled per round than exist (simulation.num_clients={n})")
+        levels = list(self.privacy.levels)
+        require("client" not in levels or s.name in CLIENT_DP_STRATEGIES, "privacy.levels",
+                levels, f"client-level DP with strategy={s.name} is unsound: its noise is "
+                "calibrated for the mean of the clipped updates (sensitivity C/m), and "
+                f"{s.name}'s aggregate is not that mean (a robust aggregate moves by up to C "
+                "when one site changes; fedadam/fedyogi apply their optimizer before the "
+                f"noise); use one of {list(CLIENT_DP_STRATEGIES)}, or sample/local DP")
         a = self.adversary
         require(a.num_clients <= n, "adversary.num_clients", a.num_clients,
                 f"more adversaries than clients (simulation.num_clients={n})")

@@ -20,7 +20,7 @@ from clients.records import (
     metric_record,
     number,
 )
-from privacy import EpsilonMemo
+from privacy import EpsilonMemo, GaussianRelease
 from privacy.ledger import Charge, Ledger, LedgerError
 
 __all__ = ["ServerLedger"]
@@ -46,24 +46,34 @@ class ServerLedger:
                        f"{getattr(charge, key)!r}"
         return None
 
-    def mirror(self, replies: list[Message], server_round: int
-               ) -> tuple[list[Message], list[dict[str, Any]]]:
+    def mirror(self, replies: list[Message], server_round: int, *,
+               site_levels: bool = True) -> tuple[list[Message], list[dict[str, Any]]]:
         """Append each reply's release; return (replies to aggregate, rejections with reasons).
 
         A valid charge is mirrored even when the reply is then rejected (its
         metrics contradict the charge): the update did leave the site, so its
         cost counts. A charge that is itself invalid cannot be mirrored; the
         site's own ledger, which the audit reads, still holds it.
+
+        A reply carries one charge per level the site releases at: ``ledger``
+        and, with both sample and local DP, ``ledger-local``. With
+        ``site_levels=False`` (client-level DP only: the sites release nothing
+        noised themselves) a reply without a charge is expected.
         """
         kept, rejected = [], []
         for reply in replies:
             try:
-                charge = charge_from_record(config_record(reply.content, "ledger"),
-                                            round=server_round)
-                self.ledger.append(charge)
-                why = self._disagreement(reply, charge)
-                if why is not None:
-                    raise RecordError(why)
+                keys = [k for k in reply.content.config_records
+                        if k == "ledger" or k.startswith("ledger-")]
+                if site_levels or keys:
+                    keys = keys if "ledger" in keys else ["ledger", *keys]
+                for key in keys:
+                    charge = charge_from_record(config_record(reply.content, key),
+                                                round=server_round)
+                    self.ledger.append(charge)
+                    why = self._disagreement(reply, charge)
+                    if why is not None:
+                        raise RecordError(why)
             except (RecordError, LedgerError) as ex:
                 rejected.append({"node_id": reply.metadata.src_node_id,
                                  "reason": f"privacy report rejected: {ex}"})
@@ -85,6 +95,30 @@ class ServerLedger:
             reported = max(c.epsilon_reported or 0.0 for c in charges)
             out[site] = max(recomputed, reported)
         return out
+
+    def record_client_level(self, *, run_id: str, server_round: int, sites: list[str],
+                            noise_multiplier: float, clipping_norm: float, sample_rate: float,
+                            delta: float, noise_generator: str, accountant: str) -> None:
+        """Charge one round's client-level release (the server's own) to each site in it.
+
+        ``sites``: every site whose reply reached the aggregation step (kept or
+        rejected: its contribution, or its absence, shaped the release). The
+        sampling is Flower's fixed-size sampler, which has no Poisson guarantee,
+        so the row says ``sampling`` ``none`` (every site sampled) or
+        ``shuffle`` (a fixed-size subset): accounted without amplification.
+        ``epsilon_reported``: the site's cumulative client-level ε after it.
+        """
+        sampling = "none" if sample_rate >= 1.0 else "shuffle"
+        for site in sorted(set(sites)):
+            history = [r.charge.release() for r in self.ledger.rows(site=site, level="client")]
+            release = GaussianRelease(noise_multiplier, min(1.0, sample_rate), 1, sampling)
+            eps = self._epsilon([*history, release], delta, accountant)
+            self.ledger.append(Charge(
+                run_id=run_id, round=server_round, site=site, level="client",
+                noise_multiplier=noise_multiplier, clipping_norm=clipping_norm,
+                sample_rate=min(1.0, sample_rate), steps=1, delta=delta, sampling=sampling,
+                noise_generator=noise_generator, epsilon_reported=eps, accountant=accountant,
+                source=None))
 
     def caps(self) -> dict[str, float]:
         """The latest cap each site reported (sites without a cap are left out)."""

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from clients.config import TrainConfig, flatten
 from clients.data import ArrayData
 from clients.models import build_model
-from clients.records import config_record, integer, metric_record, number
+from clients.records import integer, metric_record, number
 from clients.sitedata import (
     STATS_MEAN_KEY,
     STATS_STD_KEY,
@@ -38,7 +38,7 @@ from server.ledger import ServerLedger
 from server.replies import ClientFailedError, RoundSender
 from server.rundir import RunDir
 from server.statistics import federated_statistics
-from server.strategy import build_stack
+from server.strategy import build_stack, site_of_reply
 from strategies.budget import BudgetAwareSelection, is_decline
 
 __all__ = ["ClientFailedError", "lr_for_round", "run_federation"]
@@ -63,7 +63,7 @@ def _client_rows(replies: list[Message]) -> list[dict[str, Any]]:
         cap = number(met, "epsilon-cap")
         rows.append({
             "client": integer(met, "client"),
-            "site": str(config_record(m.content, "ledger").get("site")),
+            "site": site_of_reply(m),
             "num_examples": integer(met, "num-examples"),
             "epsilon": number(met, "epsilon"),
             "epsilon_cap": cap if cap > 0 else None,
@@ -177,7 +177,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
                 # Mirror each release into the server ledger before anything derived
                 # from it (the aggregate, metrics) leaves this process.
                 answered = trained
-                trained, rejected = ledger.mirror(trained, rnd)
+                trained, rejected = ledger.mirror(
+                    trained, rnd, site_levels=bool({"sample", "local"} & set(pc.levels)))
                 # Then validate: a rejected update has still been charged.
                 trained, rejected = stack.screen(rnd, trained, rejected, answered)
                 outcome.rejected += len(rejected)
@@ -193,6 +194,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
                                       f"declined, {len(rejected)} rejected)")
                     break
                 arrays = new_arrays
+                # Client-level DP: charged before the noisy model goes anywhere.
+                client_level = stack.charge_client_level(ledger, cfg, rnd, answered)
                 fed_eval = None
                 if s.fraction_evaluate > 0 and cfg.dataset.val_fraction > 0:
                     ev = send(grid, budget.configure_evaluate(rnd, arrays, ConfigRecord(task),
@@ -211,6 +214,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
                     "rejected": rejected,
                     "lost": send.take_lost(),
                     "federated_evaluation": fed_eval, "epsilon_sample_level_max": eps_max,
+                    "client_level": client_level,
+                    "epsilon_client_level": _max_epsilon(ledger, cfg, "client"),
                     "wall_seconds": time.perf_counter() - t_round,
                 }
                 run_dir.append_round(record)
@@ -237,6 +242,14 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
     return summary
 
 
+def _max_epsilon(ledger: ServerLedger, cfg: RunConfig, level: str) -> float | None:
+    """The largest cumulative ε of any site at ``level`` (``None`` when the level is off)."""
+    if level not in cfg.privacy.levels:
+        return None
+    return max(ledger.per_site(cfg.privacy.delta, cfg.privacy.accountant, level=level).values(),
+               default=0.0)
+
+
 def _summary(cfg: RunConfig, central: dict[str, Any], ledger: ServerLedger, outcome: _Outcome,
              wall_seconds: float) -> dict[str, Any]:
     per_client = ledger.per_site(cfg.privacy.delta, cfg.privacy.accountant)
@@ -255,6 +268,12 @@ def _summary(cfg: RunConfig, central: dict[str, Any], ledger: ServerLedger, outc
         "delta": cfg.privacy.delta,
         "target_epsilon": cfg.privacy.target_epsilon,
         "epsilon_sample_level_max": max(per_client.values(), default=0.0),
+        "privacy_levels": list(cfg.privacy.levels),
+        # Client-level DP (the server's releases) and local DP (the sites'): the largest
+        # cumulative epsilon of any site at that level, recomputed from the ledger rows;
+        # null when the level is off.
+        "epsilon_client_level": _max_epsilon(ledger, cfg, "client"),
+        "epsilon_local_level_max": _max_epsilon(ledger, cfg, "local"),
         "epsilon_per_client": per_client,
         # Every release that touched a site's records (sample + statistics levels).
         "epsilon_total_per_client": ledger.per_site(cfg.privacy.delta, cfg.privacy.accountant,

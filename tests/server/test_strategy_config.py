@@ -27,3 +27,27 @@ def test_bad_strategy_values_are_named(overrides, needle):
     with pytest.raises(ConfigError) as info:
         compose_config(overrides)
     assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("name,levels", [
+    ("sample", ("sample",)), ("client", ("client",)), ("local", ("local",)),
+    ("sample_client", ("sample", "client")), ("sample_local", ("sample", "local")),
+    ("client_local", ("client", "local")),
+])
+def test_each_privacy_level_combination_composes(name, levels):
+    cfg, _ = compose_config([f"privacy={name}"])
+    assert cfg.privacy.levels == levels
+
+
+@pytest.mark.parametrize("strategy", ["fedmedian", "fedadam"])
+def test_client_level_dp_with_an_aggregate_other_than_the_mean_is_refused(strategy):
+    with pytest.raises(ConfigError) as info:
+        compose_config(["privacy=sample_client", f"strategy={strategy}"])
+    assert "privacy.levels=['sample', 'client']" in str(info.value)
+    assert f"client-level DP with strategy={strategy} is unsound" in str(info.value)
+
+
+def test_robust_aggregation_with_local_dp_is_accepted():
+    # Local noise is added before the server sees anything: any aggregate is post-processing.
+    cfg, _ = compose_config(["privacy=sample_local", "strategy=fedmedian"])
+    assert cfg.privacy.levels == ("sample", "local")

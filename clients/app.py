@@ -436,3 +436,14 @@ def query(msg: Message, context: Context) -> Message:
                                      rng=np.random.default_rng(seed))
         return Message(RecordDict({"statistics": ConfigRecord(dict(stats.to_lists())),  # type: ignore[arg-type]
                                    "ledger": charge_record(row)}), reply_to=msg)
+
+
+@app.query("identify")
+def identify(msg: Message, context: Context) -> Message:
+    """The site's name and partition id, which the server's seeded client selection is
+    keyed on (``strategies.selection``); nothing about its data."""
+    with _report_failures(context.node_config.get("partition-id", "?")):
+        site = site_of(context, config_record(msg.content))
+        return Message(RecordDict({"site": ConfigRecord({"site": site.name,
+                                                         "client": site.partition_id})}),
+                       reply_to=msg)

@@ -38,7 +38,7 @@ from server.ledger import ServerLedger
 from server.replies import ClientFailedError, RoundSender
 from server.rundir import RunDir
 from server.statistics import federated_statistics
-from server.strategy import build_stack, site_of_reply
+from server.strategy import build_stack, identify_sites, site_of_reply
 from strategies.budget import BudgetAwareSelection, is_decline
 
 __all__ = ["ClientFailedError", "lr_for_round", "run_federation"]
@@ -156,6 +156,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
             log.warning("%d of %d sites connected after %ss; starting with them", have,
                         cfg.simulation.num_clients, s.round_timeout)
         budget.min_available = s.min_train_clients
+        if s.fraction_train < 1:  # the seeded selection is keyed on site names
+            stack.selection.names = identify_sites(grid, send, task, s.round_timeout)
         with reporter:
             for rnd in range(1, cfg.train.rounds + 1):
                 why = _stop_before_round(budget, grid, cfg)
@@ -214,6 +216,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
                     "rejected": rejected,
                     "lost": send.take_lost(),
                     "federated_evaluation": fed_eval, "epsilon_sample_level_max": eps_max,
+                    "selected": stack.selection.selected.get(rnd),
                     "client_level": client_level,
                     "epsilon_client_level": _max_epsilon(ledger, cfg, "client"),
                     "wall_seconds": time.perf_counter() - t_round,
@@ -269,6 +272,8 @@ def _summary(cfg: RunConfig, central: dict[str, Any], ledger: ServerLedger, outc
         "target_epsilon": cfg.privacy.target_epsilon,
         "epsilon_sample_level_max": max(per_client.values(), default=0.0),
         "privacy_levels": list(cfg.privacy.levels),
+        "client_selection": {"seed": cfg.train.seed, "fraction_train": cfg.strategy.fraction_train,
+                             "rule": "the k sites with the smallest sha256(seed/round/site)"},
         # Client-level DP (the server's releases) and local DP (the sites'): the largest
         # cumulative epsilon of any site at that level, recomputed from the ledger rows;
         # null when the level is off.

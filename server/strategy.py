@@ -3,6 +3,7 @@
 Outside in::
 
     BudgetAwareSelection         never selects a spent site; declines never aggregate
+      SeededSelection            which sites train: from (run seed, round, site name)
       UpdateValidation           malformed or outsized updates never aggregate
         ClientLevelDP            privacy.levels has client: clip, sum, noise (fedavg, fedprox)
           <strategy>             fedavg, fedprox, fedadam, ..., bulyan
@@ -22,7 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Message, MetricRecord
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 
 from clients.app import derive_seed
 from clients.noise import describe_noise_generator, secure_gaussian
@@ -31,9 +33,11 @@ from server.ledger import ServerLedger
 from strategies import build_strategy
 from strategies.budget import BudgetAwareSelection
 from strategies.client_dp import ClientLevelDP, ClientRelease, NoiseFn
+from strategies.selection import SeededSelection
 from strategies.validation import Rejection, UpdateValidation
 
-__all__ = ["StrategyStack", "build_stack", "client_level_noise", "site_of_reply"]
+__all__ = ["StrategyStack", "build_stack", "client_level_noise", "identify_sites",
+           "site_of_reply"]
 
 
 def _who(reply: Message | None) -> dict[str, Any]:
@@ -62,6 +66,7 @@ class StrategyStack:
 
     budget: BudgetAwareSelection
     validation: UpdateValidation
+    selection: SeededSelection
     client_dp: ClientLevelDP | None = None
     rejections_per_client: dict[str, Counter[str]] = field(default_factory=dict)
 
@@ -155,4 +160,23 @@ def build_stack(cfg: RunConfig) -> StrategyStack:
             clipping_norm=pc.client_clipping_norm,
             num_sampled_clients=sampling.train_sample_size, noise=client_level_noise(cfg))
     validation = UpdateValidation(inner, max_update_norm=s.max_update_norm)
-    return StrategyStack(BudgetAwareSelection(validation), validation, client_dp)
+    selection = SeededSelection(validation, seed=cfg.train.seed, sampler=base)
+    return StrategyStack(BudgetAwareSelection(selection), validation, selection, client_dp)
+
+
+def identify_sites(grid: Grid, send: Callable[..., list[Message]], task: dict[str, Any],
+                   timeout: float) -> dict[int, str]:
+    """Ask every connected node for its site name (``query.identify``): node id -> name.
+
+    The seeded selection is keyed on names, which stay the same from run to run,
+    where simulated node ids do not.
+    """
+    messages = [Message(RecordDict({"config": ConfigRecord(task)}), dst_node_id=node,
+                        message_type=f"{MessageType.QUERY}.identify")
+                for node in grid.get_node_ids()]
+    names = {}
+    for reply in send(grid, messages, timeout, "identification"):
+        record = reply.content.get("site")
+        if isinstance(record, ConfigRecord) and isinstance(record.get("site"), str):
+            names[reply.metadata.src_node_id] = str(record["site"])
+    return names

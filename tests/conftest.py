@@ -1,11 +1,12 @@
-"""Shared test settings: quiet Ray, and how pytest-xdist spreads the suite.
+"""Shared test settings: quiet Ray, and one Ray cluster / one deployment at a time.
 
-The suite runs on two workers (``-n 2 --dist loadfile`` in pyproject.toml):
-each test file stays on one worker, so its module fixtures run once. Files
-that start Ray, and files that start a SuperLink and SuperNodes, hold a lock
-per group while they run (:func:`_one_group_member_at_a_time`), so there is
-never more than one Ray cluster or one deployment at a time; a deployment
-test's waits (process starts, heartbeats) overlap with the rest of the suite.
+The suite runs serially by default. Files that start Ray, and files that start
+a SuperLink and SuperNodes, hold a lock per group while they run
+(:func:`_one_group_member_at_a_time`), so two pytest processes (or
+``pytest -n 2 --dist loadfile`` with pytest-xdist) never run two Ray clusters
+or two deployments at once. Not the default: under xdist a worker keeps its
+last module open until it gets more work, which can leave the other worker
+waiting on that module's lock at the end of the suite.
 """
 
 import fcntl

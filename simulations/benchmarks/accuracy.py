@@ -113,7 +113,7 @@ def _federated(spec: AccuracySpec, partitioner: str, epsilon: float,
     run = run_monitored(fedpriv_command(
         dataset=spec.dataset, model=spec.model, clients=spec.num_clients,
         sampled=spec.num_clients, rounds=spec.rounds, run_dir=run_dir,
-        batch_size=spec.batch_size, lr=spec.lr,
+        batch_size=spec.batch_size, lr=spec.lr, round_timeout=spec.timeout_s,
         extra=(f"train.local_epochs={spec.local_epochs}", f"privacy.target_epsilon={epsilon}",
                f"privacy.delta={spec.delta}", f"dataset.partitioner={partitioner}",
                f"dataset.alpha={spec.alpha}", *spec.overrides)),

@@ -33,7 +33,8 @@ def run_memory_growth(spec: MemorySpec, work: Path) -> dict[str, Any]:
     run = run_monitored(
         fedpriv_command(dataset=spec.dataset, model=spec.model, clients=spec.num_clients,
                         sampled=spec.num_clients, rounds=spec.late + 1, run_dir=run_dir,
-                        federated_evaluation=True, extra=spec.overrides),
+                        federated_evaluation=True, round_timeout=spec.timeout_s,
+                        extra=spec.overrides),
         work / "fedpriv.out", spec.timeout_s, run_dir / "metrics.jsonl")
     if run.returncode != 0:
         raise RuntimeError(f"fedpriv simulate failed ({run.returncode}); see {run.log}:\n"

@@ -77,14 +77,19 @@ def run_monitored(cmd: list[str], log: Path, timeout_s: float,
 
 def fedpriv_overrides(*, dataset: str, model: str, clients: int, sampled: int, rounds: int,
                       batch_size: int = BATCH_SIZE, lr: float = LR,
-                      federated_evaluation: bool = False,
+                      federated_evaluation: bool = False, round_timeout: float = 3600.0,
                       extra: tuple[str, ...] = ()) -> list[str]:
-    """hydra overrides for ``sampled`` of ``clients`` training each round."""
+    """hydra overrides for ``sampled`` of ``clients`` training each round.
+
+    ``round_timeout``: a loaded machine can take minutes for a round's first calls
+    (each Ray worker's imports); fedpriv's default (600 s) would then end the run.
+    """
     evaluation = [] if federated_evaluation else ["strategy.fraction_evaluate=0",
                                                   "strategy.min_evaluate_clients=0"]
     return [f"dataset={dataset}", f"model={model}", f"simulation.num_clients={clients}",
             f"strategy.fraction_train={sampled / clients!r}",
-            f"strategy.min_train_clients={sampled}", *evaluation, f"train.rounds={rounds}",
+            f"strategy.min_train_clients={sampled}", *evaluation,
+            f"strategy.round_timeout={round_timeout}", f"train.rounds={rounds}",
             f"train.batch_size={batch_size}", f"train.lr={lr}",
             f"privacy.max_grad_norm={MAX_GRAD_NORM}", f"privacy.delta={DELTA}",
             "output.progress=false", *extra]
@@ -128,11 +133,11 @@ def _fedpriv(spec: ThroughputSpec, size: int, sampled: int, work: Path,
              with_fixes: bool = False) -> dict[str, Any]:
     run_dir = work / "run"
     overrides = fedpriv_overrides(dataset=spec.dataset, model=spec.model, clients=size,
-                                  sampled=sampled, rounds=spec.rounds, extra=spec.overrides)
+                                  sampled=sampled, rounds=spec.rounds,
+                                  round_timeout=spec.timeout_s, extra=spec.overrides)
     cmd = ([sys.executable, "-m", "simulations.benchmarks.whatif", str(run_dir), *overrides]
-           if with_fixes else fedpriv_command(run_dir=run_dir, dataset=spec.dataset,
-                                              model=spec.model, clients=size, sampled=sampled,
-                                              rounds=spec.rounds, extra=spec.overrides))
+           if with_fixes else [sys.executable, "-m", "simulations.cli", "simulate",
+                               *overrides, f"hydra.run.dir={run_dir}"])
     run = run_monitored(cmd, work / "fedpriv.out", spec.timeout_s, run_dir / "metrics.jsonl")
     if run.returncode != 0:
         raise RuntimeError(f"fedpriv simulation failed ({run.returncode}); see {run.log}:\n"

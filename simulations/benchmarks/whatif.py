@@ -2,7 +2,7 @@
 
 Runs what ``fedpriv simulate`` runs (the same composed config, ServerApp, run
 directory and Flower's Ray backend) except that each client worker wraps
-fedpriv's own ``train`` and ``evaluate`` handlers with three memos
+fedpriv's own ClientApp (every handler) with three memos
 (:func:`simulations.benchmarks.client_profile.fixes`): the bundled data pool
 and its partition cut, σ calibration, and ε of a history. Each is a pure
 function of its key, so nothing that is charged or accounted changes; the run
@@ -47,23 +47,19 @@ class WorkerFixes:
 
 
 WORKER_FIXES = WorkerFixes()
-client_app = ClientApp()
 
 
-@client_app.train()
-def train(msg: Message, context: Context) -> Message:
-    from clients.app import train as fedpriv_train
+class _PatchedClientApp(ClientApp):
+    """fedpriv's own ClientApp (every message type it handles), fixes installed first."""
 
-    WORKER_FIXES.install()
-    return fedpriv_train(msg, context)
+    def __call__(self, message: Message, context: Context) -> Message:
+        from clients.app import app as fedpriv_app
+
+        WORKER_FIXES.install()
+        return fedpriv_app(message, context)
 
 
-@client_app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    from clients.app import evaluate as fedpriv_evaluate
-
-    WORKER_FIXES.install()
-    return fedpriv_evaluate(msg, context)
+client_app = _PatchedClientApp()
 
 
 def main(run_dir: str, overrides: list[str]) -> None:

@@ -279,8 +279,9 @@ def test_a_superlink_restart_ends_the_run_in_flight_cleanly_and_charges_once(sce
     if status.startswith("finished:completed"):
         summary = json.loads((scenario.run_b / "summary.json").read_text())
         assert sorted(summary["epsilon_per_client"]) == SITES
-    else:
-        assert "No heartbeat" in status
+    # Otherwise Flower ends it as failed; its reason varies with where the ServerApp was
+    # when the SuperExec died ("No heartbeat received from the task", "Task failed with
+    # unknown error."), so only the state is checked: what matters is the charges below.
     # Each site charged run B's one round once: kept, and not charged again.
     for name in SITES:
         assert scenario.charges[name].count(scenario.run_ids["b"]) == 1, name

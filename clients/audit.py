@@ -19,6 +19,11 @@ aggregates it.
 
 Only ``grad_sample_mode="hooks"`` is supported (the canaries' per-sample
 gradients come from a grad sampler registered for it).
+
+``audit=client`` involves no site: its canaries are virtual clients inside the
+server's client-level DP mechanism (:class:`strategies.client_dp.ClientLevelDP`),
+with membership bits from (run seed, ``"audit"``, ``"client"``)
+(:func:`client_membership`), kept on the server.
 """
 
 from __future__ import annotations
@@ -30,10 +35,11 @@ import torch
 from flwr.app import ArrayRecord, Message
 
 from clients.canary import draw_membership
-from clients.config import ClientTask, ConfigError, require
+from clients.config import ClientTask, require
 
 __all__ = ["CANARY_RECORD", "SiteCanaries", "attach_canary_block", "block_of", "canary_ids",
-           "canary_record", "check_audit", "membership_seed", "site_canaries"]
+           "canary_record", "check_audit", "client_membership", "membership_seed",
+           "site_canaries"]
 
 CANARY_RECORD = "canary"  # the reply's ArrayRecord holding the block
 _BLOCK_KEY = "block"
@@ -59,22 +65,42 @@ def canary_ids(num_canaries: int, num_partitions: int, partition_id: int) -> np.
     return np.arange(partition_id, num_canaries, num_partitions, dtype=np.int64)
 
 
-def membership_seed(run_seed: int, partition_id: int) -> int:
-    """The seed of a site's membership bits: (run seed, ``"audit"``, partition id)."""
+def membership_seed(run_seed: int, partition_id: int | str) -> int:
+    """The seed of membership bits: (run seed, ``"audit"``, partition id), or
+    (run seed, ``"audit"``, ``"client"``) for the canary clients of ``audit=client``."""
     from clients.app import derive_seed  # clients.app imports this module
 
     return derive_seed(run_seed, "audit", partition_id)
 
 
+def client_membership(task: ClientTask) -> np.ndarray | None:
+    """The canary clients' secret membership bits under ``audit=client`` (else ``None``).
+
+    Derived on the server only, from (run seed, ``"audit"``, ``"client"``); fixed for
+    the run and never sent.
+    """
+    if task.audit.name != "client":
+        return None
+    return draw_membership(task.audit.num_canaries,
+                           seed=membership_seed(task.train.seed, "client"))
+
+
 def check_audit(task: ClientTask, num_clients: int) -> None:
     """Refuse an audit this run cannot do (:class:`ConfigError` naming the key)."""
-    a = task.audit
+    a, levels = task.audit, list(task.privacy.levels)
     if a.name == "client":
-        raise ConfigError("audit.name='client': needs privacy=client (client-level DP: "
-                          "server-side clipping and noise of whole updates), which this "
-                          "version does not have; audit=sample audits the sample-level DP-SGD")
+        require("client" in levels, "audit.name", a.name,
+                f"audit=client puts canary clients inside client-level DP, and "
+                f"privacy.levels={levels} has none; use privacy=client, sample_client or "
+                "client_local")
+        return
     if a.name != "sample":
         return
+    require("sample" in levels, "audit.name", a.name,
+            f"audit=sample puts canary records inside each site's DP-SGD, and "
+            f"privacy.levels={levels} has no sample level (the sites train with plain SGD); "
+            "use privacy=sample, sample_client or sample_local, or audit=client for "
+            "client-level DP")
     mode = task.privacy.grad_sample_mode
     require(mode == "hooks", "privacy.grad_sample_mode", mode,
             "audit=sample needs 'hooks': the canaries' per-sample gradients come from a grad "

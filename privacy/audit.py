@@ -340,8 +340,12 @@ def audit_run(run_dir: str | Path, *, delta: float | None = None,
     memo = EpsilonMemo()
     sites = [_audit_site(name, sr, run, float(run_delta), accountant, memo, findings)
              for name, sr in sorted(site_rows.items()) if sr.charges]
-    # audit=sample: the canaries' lower bound against the claimed epsilon.
-    empirical, found = check_empirical(path, sites, delta=float(run_delta), summary=run.summary)
+    # audit=sample / audit=client: the canaries' lower bound against the claimed epsilon.
+    client_releases = [(r.charge.round, r.charge.noise_multiplier) for r in rows
+                       if r.charge.level == "client" and r.charge.source is None]
+    empirical, found = check_empirical(path, sites, delta=float(run_delta), summary=run.summary,
+                                       client_releases=client_releases, accountant=accountant,
+                                       memo=memo)
     findings.extend(found)
     if run.evaluates:
         findings.append(Finding(

@@ -12,23 +12,45 @@ returns what it found:
   above it cannot be refuted by this run;
 - an ``error`` when the recorded ε_lb does not follow from the recorded scores,
   or ``summary.json`` reports a bound whose file is gone.
+
+With ``audit=client`` (``level`` ``client``) the canaries are virtual clients of
+the server's client-level DP mechanism, in every round that made a release; the
+claim is then the ε of one such release per round composed, without sampling
+(:func:`canary_client_history`), recomputed from the ledger's client-level rows.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from privacy.accounting import EpsilonMemo, GaussianRelease
 from privacy.empirical import audit_from_scores
 from privacy.report import EmpiricalSummary, Finding, SiteAudit
 
-__all__ = ["EMPIRICAL_FILE", "check_empirical"]
+__all__ = ["EMPIRICAL_FILE", "canary_client_history", "check_empirical"]
 
 EMPIRICAL_FILE = "audit_empirical.json"
 _TOLERANCE = 1e-9  # the same scores give the same bound (deterministic tie-break)
 BUG_CAUSES = ("noise too small, a sampler other than the one accounted, a round not charged")
+
+
+def canary_client_history(releases: Iterable[tuple[int, float]]) -> list[GaussianRelease]:
+    """What a canary client of ``audit=client`` spent: one Gaussian release per round.
+
+    ``releases``: ``(round, noise multiplier)`` of the client-level mechanism's
+    releases (several per round, e.g. one ledger row per site: the smallest σ
+    of the round counts). A canary client is in every release with certainty,
+    so each is accounted with sampling rate 1 (no amplification), sensitivity C,
+    add/remove one client.
+    """
+    sigma: dict[int, float] = {}
+    for rnd, s in releases:
+        sigma[rnd] = min(s, sigma.get(rnd, s))
+    return [GaussianRelease(s, 1.0, 1, "none") for _, s in sorted(sigma.items())]
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -62,9 +84,22 @@ def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+def _client_claims(releases: Iterable[tuple[int, float]], delta: float,
+                   memo: EpsilonMemo | None) -> dict[str, float | None]:
+    history = canary_client_history(releases)
+    return (memo or EpsilonMemo()).all(history, delta) if history else {}
+
+
 def check_empirical(run_dir: Path, sites: list[SiteAudit], *, delta: float,
-                    summary: dict[str, Any]) -> tuple[EmpiricalSummary | None, list[Finding]]:
-    """Recompute and judge the run's canary audit (``None`` when the run made none)."""
+                    summary: dict[str, Any], client_releases: Iterable[tuple[int, float]] = (),
+                    accountant: str = "prv", memo: EpsilonMemo | None = None
+                    ) -> tuple[EmpiricalSummary | None, list[Finding]]:
+    """Recompute and judge the run's canary audit (``None`` when the run made none).
+
+    ``client_releases``: ``(round, σ)`` of the ledger's client-level rows, the claim
+    of an ``audit=client`` run (``accountant``: the run's); ``sites`` give the claim
+    of ``audit=sample``.
+    """
     path = run_dir / EMPIRICAL_FILE
     reported = summary.get("epsilon_empirical_lower_bound")
     if not path.exists():
@@ -88,12 +123,18 @@ def check_empirical(run_dir: Path, sites: list[SiteAudit], *, delta: float,
         findings.append(Finding("error", "empirical_mismatch",
                                 f"{EMPIRICAL_FILE} records epsilon_lb={recorded!r}; its scores "
                                 f"and membership bits give {at_run_delta.epsilon_lb:.6f}"))
-    by_site = _claims(doc, sites)
-    claimed_site = max(by_site, key=lambda k: by_site[k].recomputed) if by_site else None
-    claimed = by_site[claimed_site].recomputed if claimed_site is not None else None
-    by_accountant = _by_accountant(list(by_site.values()))
+    level = str(doc.get("level", "sample"))
+    if level == "client":
+        claimed_site = None
+        by_accountant = _client_claims(client_releases, delta, memo)
+        claimed = by_accountant.get(accountant)
+    else:
+        by_site = _claims(doc, sites)
+        claimed_site = max(by_site, key=lambda k: by_site[k].recomputed) if by_site else None
+        claimed = by_site[claimed_site].recomputed if claimed_site is not None else None
+        by_accountant = _by_accountant(list(by_site.values()))
     out = EmpiricalSummary(
-        level=str(doc.get("level", "sample")), m=result.m, members=result.members,
+        level=level, m=result.m, members=result.members,
         guesses=result.guesses, correct=result.correct, epsilon_lb=result.epsilon_lb,
         ceiling=result.ceiling, gdp_epsilon_estimate=_finite(result.gdp_epsilon_estimate),
         significance=result.significance, delta=delta, claimed_epsilon=claimed,
@@ -108,6 +149,8 @@ def _verdict(e: EmpiricalSummary) -> list[Finding]:
     findings = []
     if e.claimed_epsilon is None:
         findings.append(Finding("warning", "empirical_no_claim",
+                                "no client-level release in the ledger: the canary audit has "
+                                "no claim to test" if e.level == "client" else
                                 "no site with canaries has a sample-level release in the "
                                 "ledger: the canary audit has no claim to test"))
     elif e.epsilon_lb > e.claimed_epsilon:

@@ -72,7 +72,9 @@ class EmpiricalSummary:
     (``privacy.empirical.audit_from_scores``); ``recorded_epsilon_lb`` is what
     the run wrote. ``claimed_epsilon`` is the largest recomputed sample-level ε
     (run accountant) of the sites with canaries, ``claimed_site`` that site;
-    ``claimed_by_accountant`` the same with each accountant. ``ceiling`` is the
+    ``claimed_by_accountant`` the same with each accountant. With ``level``
+    ``client`` (canary clients inside client-level DP) the claim is every round's
+    client-level release composed (``claimed_site`` is ``None``). ``ceiling`` is the
     largest ε_lb the run could show; ``gdp_epsilon_estimate`` is an estimate,
     not a bound (``None`` when infinite).
     """

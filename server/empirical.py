@@ -1,4 +1,6 @@
-"""The server's side of the canary audit (``audit=sample``): collect, score, bound.
+"""The server's side of the canary audits: collect, score, bound.
+
+``audit=sample`` (:class:`CanaryAudit`):
 
 Every site that trains sends its canary block (:mod:`clients.audit`) in a reply
 record named ``canary``. :meth:`CanaryAudit.collect` takes it out of the reply
@@ -12,6 +14,16 @@ drew (same seeds, :func:`clients.audit.site_canaries`) and bounds ε with
 The claim the bound is held against is the largest cumulative sample-level ε
 of any site with canaries: a canary, like any record, touches only its own
 site's DP-SGD, so the whole run is (max_s ε_s, δ)-DP for each of them.
+
+``audit=client`` (:class:`ClientCanaryAudit`): the canaries are virtual
+clients inside the server's client-level DP mechanism
+(:class:`strategies.client_dp.ClientLevelDP`), which releases their block with
+the model and keeps it. Canary ``j``'s score is ``Σ_rounds`` of the released
+block at ``j``. A canary client takes part in every round that made a release,
+so the claim is the ε of those releases composed, one per round, without
+sampling (:func:`privacy.empirical_audit.canary_client_history`): the same as
+``epsilon_client_level`` when some site answered every round. The canaries
+are charged to no site and change no site's charge.
 
 ``RUN_DIR/audit_empirical.json`` keeps the result, the claim, the seeds, the
 membership bits and the scores (nothing of it is ever sent to a site), so that
@@ -30,15 +42,23 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-from clients.audit import CANARY_RECORD, SiteCanaries, block_of, membership_seed, site_canaries
+from clients.audit import (
+    CANARY_RECORD,
+    SiteCanaries,
+    block_of,
+    membership_seed,
+    site_canaries,
+)
 from clients.canary import canary_scores
 from clients.records import RecordError, config_record, integer, metric_record
+from privacy import EpsilonMemo
 from privacy.empirical import audit_from_scores
-from privacy.empirical_audit import EMPIRICAL_FILE
+from privacy.empirical_audit import EMPIRICAL_FILE, canary_client_history
 from server.config import RunConfig
 from server.ledger import ServerLedger
+from strategies.client_dp import ClientLevelDP
 
-__all__ = ["CanaryAudit"]
+__all__ = ["CanaryAudit", "ClientCanaryAudit", "canary_audit"]
 
 log = logging.getLogger("fedpriv")
 
@@ -149,3 +169,75 @@ class CanaryAudit:
             "membership": membership.astype(int).tolist(),
             "scores": scores.tolist(),
         }
+
+
+class ClientCanaryAudit:
+    """Scores the canary clients of ``audit=client`` at the end of the run.
+
+    The block releases are kept by ``client_dp`` (the mechanism), so
+    :meth:`collect` has nothing to take out of the replies.
+    """
+
+    enabled = True
+
+    def __init__(self, cfg: RunConfig, client_dp: ClientLevelDP) -> None:
+        if client_dp.canaries is None:
+            raise ValueError("audit=client: the client-level DP mechanism has no canaries")
+        self.cfg = cfg
+        self.client_dp = client_dp
+
+    def collect(self, server_round: int, lr: float, replies: list[Message]) -> None:
+        """Nothing to do: the canary clients live in the mechanism, not in the replies."""
+
+    def finish(self, ledger: ServerLedger, run_dir: Path) -> float:
+        """Score the canary clients, bound ε, write ``audit_empirical.json``; return ε_lb."""
+        a, pc, dp = self.cfg.audit, self.cfg.privacy, self.client_dp
+        membership = np.asarray(dp.canaries, dtype=bool)
+        blocks = [block for _, block in dp.canary_releases]
+        scores = np.sum(blocks, axis=0) if blocks else np.zeros(membership.size)
+        result = audit_from_scores(scores, membership, delta=pc.delta,
+                                   significance=a.significance, seed=self.cfg.train.seed)
+        history = canary_client_history((r.server_round, r.noise_multiplier)
+                                        for r in dp.releases)
+        memo = EpsilonMemo()
+        claims = memo.all(history, pc.delta) if history else {}
+        claimed = claims.get(pc.accountant)
+        per_site = ledger.per_site(pc.delta, pc.accountant, level="client")
+        doc = {
+            "level": "client",
+            **result.to_json(),
+            "claimed_epsilon": claimed,
+            "claimed_site": None,
+            "claimed_by_accountant": claims,
+            "epsilon_client_level": max(per_site.values(), default=None),
+            "accountant": pc.accountant,
+            "magnitude": dp.clipping_norm,
+            "noise_multiplier": dp.noise_multiplier,
+            "num_sampled_clients": dp.num_sampled_clients,
+            "num_clients": self.cfg.simulation.num_clients,
+            "rounds": [rnd for rnd, _ in dp.canary_releases],
+            "membership_seed": "derive_seed(train.seed, 'audit', 'client')",
+            "tiebreak_seed": self.cfg.train.seed,
+            "score": "sum over rounds of the released canary block at j",
+            "sites": [],
+            "membership": membership.astype(int).tolist(),
+            "scores": scores.tolist(),
+        }
+        (run_dir / EMPIRICAL_FILE).write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
+        log.info("empirical audit (client level): epsilon_lb %.4f (ceiling %.4f) against "
+                 "claimed %s", result.epsilon_lb, result.ceiling, claimed)
+        if claimed is not None and result.epsilon_lb > claimed:
+            log.warning("empirical lower bound %.4f exceeds the claimed client-level epsilon "
+                        "%.4f: evidence of a privacy bug", result.epsilon_lb, claimed)
+        return result.epsilon_lb
+
+
+def canary_audit(cfg: RunConfig, client_dp: ClientLevelDP | None
+                 ) -> CanaryAudit | ClientCanaryAudit:
+    """The run's canary audit: :class:`ClientCanaryAudit` for ``audit=client``, else
+    :class:`CanaryAudit` (which does nothing without ``audit=sample``)."""
+    if cfg.audit.name == "client":
+        if client_dp is None:
+            raise ValueError("audit=client needs the client-level DP mechanism")
+        return ClientCanaryAudit(cfg, client_dp)
+    return CanaryAudit(cfg)

@@ -32,7 +32,7 @@ from clients.state import STATE_ROOT_KEY
 from clients.train import pick_device, predict
 from server.config import RunConfig
 from server.console import RoundReporter
-from server.empirical import CanaryAudit
+from server.empirical import canary_audit
 from server.evaluation import classification_metrics
 from server.ledger import ServerLedger
 from server.replies import ClientFailedError, RoundSender
@@ -137,7 +137,9 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
     smoothed: dict[str, torch.Tensor] | None = None
     outcome = _Outcome()
     send = RoundSender()  # lost sites are recorded per round, the round goes on
-    canaries = CanaryAudit(cfg)  # audit=sample: each site's canary block, scored at the end
+    # audit=sample: each site's canary block; audit=client: the canary clients inside
+    # the client-level DP mechanism; scored at the end.
+    canaries = canary_audit(cfg, stack.client_dp)
     try:
         stats = None
         if statistics_step(cfg.dataset) is not None:

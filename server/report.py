@@ -144,7 +144,9 @@ def _empirical_rows(e: EmpiricalSummary, accountant: str) -> list[tuple[str, str
         (f"empirical lower bound ε_lb ({e.level}-level canaries; holds with probability "
          f"{confidence})", _eps(e.epsilon_lb)),
         (f"claimed ε ({accountant}; the largest of the sites with canaries: "
-         f"{_opt(e.claimed_site)})", _eps(e.claimed_epsilon)),
+         f"{_opt(e.claimed_site)})" if e.level != "client" else
+         f"claimed ε ({accountant}; client level: every round's release, composed, as for a "
+         "client in all of them)", _eps(e.claimed_epsilon)),
         *[(f"claimed ε, {a}", _eps(e.claimed_by_accountant[a])) for a in by_acc],
         (f"ceiling: the largest ε_lb this run could show (m = {e.m})", _eps(e.ceiling)),
         ("Gaussian-DP estimate (an estimate, not a bound)", _eps(e.gdp_epsilon_estimate)),
@@ -154,7 +156,9 @@ def _empirical_rows(e: EmpiricalSummary, accountant: str) -> list[tuple[str, str
 
 def _empirical_verdict(e: EmpiricalSummary) -> str:
     if e.claimed_epsilon is None:
-        return "No site with canaries has a sample-level release: no claim to test."
+        return ("No client-level release in the ledger: no claim to test." if
+                e.level == "client" else
+                "No site with canaries has a sample-level release: no claim to test.")
     if e.epsilon_lb > e.claimed_epsilon:
         return (f"ε_lb > claimed ε: the empirical lower bound exceeds the claimed ε, evidence "
                 f"of a privacy bug ({BUG_CAUSES}).")

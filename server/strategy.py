@@ -27,6 +27,7 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from clients.app import derive_seed
+from clients.audit import client_membership
 from clients.noise import describe_noise_generator, secure_gaussian
 from server.config import RunConfig
 from server.ledger import ServerLedger
@@ -155,10 +156,12 @@ def build_stack(cfg: RunConfig) -> StrategyStack:
     inner = base = build_strategy(s.name, sampling, s.params)
     client_dp = None
     if "client" in pc.levels:
+        # audit=client: canary clients inside the mechanism, scored by server.empirical
         inner = client_dp = ClientLevelDP(
             base, noise_multiplier=pc.client_noise_multiplier,
             clipping_norm=pc.client_clipping_norm,
-            num_sampled_clients=sampling.train_sample_size, noise=client_level_noise(cfg))
+            num_sampled_clients=sampling.train_sample_size, noise=client_level_noise(cfg),
+            canaries=client_membership(cfg.task))
     validation = UpdateValidation(inner, max_update_norm=s.max_update_norm)
     selection = SeededSelection(validation, seed=cfg.train.seed, sampler=base)
     return StrategyStack(BudgetAwareSelection(selection), validation, selection, client_dp)

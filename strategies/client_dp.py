@@ -25,6 +25,22 @@ Noise is drawn from the ``noise`` callable passed in (a generator chosen and
 recorded by the caller), not from numpy's global generator. Each round's
 release is kept in :attr:`ClientLevelDP.releases` for the ledger.
 
+**Canary clients** (``audit=client``, Nasr et al. 2023, arXiv 2302.07956): with
+``canaries`` (secret membership bits b, one per canary) the mechanism runs on
+the model's vector extended by a block of one coordinate per canary, which the
+model never uses and no site ever receives. Canary ``j`` is a virtual client
+whose whole update is ``C·e_j`` on the block (norm exactly C, so clipping keeps
+it); a real site's update is 0 there, so its clipping and its sum are those
+without the block. The block is released in the same step as the model, by the
+same line, with the same noise draw function and std::
+
+    block = (Σ_j b_j·clip(C·e_j) + N(0, σ²C² I)) / m
+
+and taken out before the model leaves (:attr:`ClientLevelDP.canary_releases`):
+the server scores it (``server.empirical``). The block's noise is drawn after
+the model's, so the model and every site's charge are exactly those of the run
+without canaries.
+
 Sound only when the wrapped strategy's aggregate is that weighted mean:
 FedAvg and FedProx. A robust aggregate (median, trimmed mean, Krum, Bulyan)
 can move by up to C when one site changes, not C/m, and FedAdam / FedYogi
@@ -44,9 +60,11 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 from flwr.serverapp.strategy.dp_fixed_clipping import validate_replies
 from flwr.supercore.differential_privacy import compute_stdv
 
-__all__ = ["UNIT_WEIGHT", "ClientLevelDP", "ClientRelease", "NoiseFn", "clip_update"]
+__all__ = ["CANARY_BLOCK", "UNIT_WEIGHT", "ClientLevelDP", "ClientRelease", "NoiseFn",
+           "clip_update"]
 
 UNIT_WEIGHT = "dp-unit-weight"
+CANARY_BLOCK = "canary-block"  # the block's key in the released vector (audit=client)
 
 # noise(server_round) -> draw(shape, std), which returns N(0, std²) draws; one draw
 # per tensor, in the order of the model's tensors.
@@ -85,10 +103,12 @@ class ClientLevelDP(DifferentialPrivacyServerSideFixedClipping):
     clipping_norm : C (> 0), the bound on each site's update.
     num_sampled_clients : m, the planned sample size per round.
     noise : draws the noise; see :data:`NoiseFn`.
+    canaries : secret membership bits of the canary clients (``audit=client``), or None.
     """
 
     def __init__(self, strategy: Strategy, *, noise_multiplier: float, clipping_norm: float,
-                 num_sampled_clients: int, noise: NoiseFn) -> None:
+                 num_sampled_clients: int, noise: NoiseFn,
+                 canaries: np.ndarray | None = None) -> None:
         if not isinstance(strategy, FedAvg) or \
                 type(strategy).aggregate_train is not FedAvg.aggregate_train:
             raise ValueError(
@@ -101,6 +121,14 @@ class ClientLevelDP(DifferentialPrivacyServerSideFixedClipping):
         super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
         self.noise = noise
         self.releases: list[ClientRelease] = []
+        self.canaries = None
+        if canaries is not None:
+            bits = np.asarray(canaries)
+            if bits.ndim != 1 or bits.size < 1 or not np.all((bits == 0) | (bits == 1)):
+                raise ValueError(f"canaries: shape {bits.shape}, need 1-D 0/1 membership bits")
+            self.canaries = bits.astype(bool)
+        # (round, released block): one per release, with canaries only
+        self.canary_releases: list[tuple[int, np.ndarray]] = []
         self._round = 0
         self._replied = 0
 
@@ -143,18 +171,39 @@ class ClientLevelDP(DifferentialPrivacyServerSideFixedClipping):
             arrays = self._add_noise_to_aggregated_arrays(arrays)
         return arrays, metrics
 
+    def canary_sum(self) -> np.ndarray:
+        """Σ_j b_j·clip(C·e_j): the included canary clients' clipped updates on the block."""
+        if self.canaries is None:
+            raise ValueError("no canaries: this mechanism was built without audit=client")
+        m = self.canaries.size
+        total = np.zeros(m)
+        for j in np.flatnonzero(self.canaries):
+            update = np.zeros(m)
+            update[j] = self.clipping_norm
+            total += clip_update([update], [np.zeros(m)], self.clipping_norm)[0]
+        return total
+
     def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
-        """Mean over k -> sum over m, then N(0, (σC/m)²) per coordinate."""
+        """Mean over k -> sum over m, then N(0, (σC/m)²) per coordinate (the canary
+        block, when there is one, last: the same release for one more tensor)."""
         k, m = self._replied, self.num_sampled_clients
         std = compute_stdv(self.noise_multiplier, self.clipping_norm, m)
         start = {key: a.numpy() for key, a in self.current_arrays.items()}
+        # Σ_i clip(u_i) over the k replies, per tensor
+        sums = {key: k * (a.numpy() - start[key]) for key, a in aggregated_arrays.items()}
+        dtypes = {key: a.numpy().dtype for key, a in aggregated_arrays.items()}
+        if self.canaries is not None:
+            if CANARY_BLOCK in sums:
+                raise ValueError(f"the model has a tensor named {CANARY_BLOCK!r}")
+            sums[CANARY_BLOCK] = self.canary_sum()
+            start[CANARY_BLOCK] = np.zeros(self.canaries.size)
+            dtypes[CANARY_BLOCK] = np.dtype(np.float64)
         draw = self.noise(self._round)
-        out = {}
-        for key, a in aggregated_arrays.items():
-            mean = a.numpy()
-            released = start[key] + (k / m) * (mean - start[key]) + \
-                draw(tuple(mean.shape), std)
-            out[key] = Array(np.asarray(released, dtype=mean.dtype))
+        released = {key: np.asarray(start[key] + total / m + draw(tuple(total.shape), std),
+                                    dtype=dtypes[key])
+                    for key, total in sums.items()}
+        if self.canaries is not None:
+            self.canary_releases.append((self._round, released.pop(CANARY_BLOCK)))
         self.releases.append(ClientRelease(self._round, self.noise_multiplier,
                                            self.clipping_norm, m, k, std))
-        return ArrayRecord(out)
+        return ArrayRecord({key: Array(v) for key, v in released.items()})

@@ -1,5 +1,5 @@
-"""audit= config checks, canary assignment, and the server's canary collector on
-hand-built replies (no Flower run)."""
+"""audit= config checks, canary assignment, the canary clients' bits, and the server's
+canary collector on hand-built replies (no Flower run)."""
 
 import json
 import time
@@ -9,11 +9,19 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Metadata, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 
-from clients.audit import CANARY_RECORD, canary_ids, canary_record, site_canaries
+from clients.app import derive_seed
+from clients.audit import (
+    CANARY_RECORD,
+    canary_ids,
+    canary_record,
+    client_membership,
+    site_canaries,
+)
 from clients.config import ConfigError
 from server.app import compose_config
 from server.empirical import CanaryAudit
 from server.ledger import ServerLedger
+from server.strategy import build_stack
 
 
 @pytest.mark.parametrize("mode", ["ghost", "functorch"])
@@ -110,3 +118,46 @@ def test_without_an_audit_nothing_is_collected_or_written(tmp_path):
     assert CANARY_RECORD in reply.content
     assert audit.finish(None, tmp_path) is None
     assert not (tmp_path / "audit_empirical.json").exists()
+
+
+@pytest.mark.parametrize("privacy", ["sample", "local", "sample_local"])
+def test_client_audit_needs_client_level_dp(privacy):
+    with pytest.raises(ConfigError) as info:
+        compose_config(["audit=client", f"privacy={privacy}"])
+    assert "audit.name='client'" in str(info.value)
+    assert "has none; use privacy=client, sample_client or client_local" in str(info.value)
+
+
+@pytest.mark.parametrize("privacy", ["client", "local", "client_local"])
+def test_sample_audit_needs_sample_level_dp(privacy):
+    with pytest.raises(ConfigError) as info:
+        compose_config(["audit=sample", f"privacy={privacy}"])
+    assert "audit.name='sample'" in str(info.value)
+    assert "has no sample level" in str(info.value)
+
+
+@pytest.mark.parametrize("privacy,audit", [("client", "client"), ("sample_client", "client"),
+                                           ("client_local", "client"),
+                                           ("sample_client", "sample"),
+                                           ("sample_local", "sample")])
+def test_sound_audit_and_privacy_pairs_are_accepted(privacy, audit):
+    cfg, _ = compose_config([f"audit={audit}", f"privacy={privacy}"])
+    assert (cfg.audit.name, audit in cfg.privacy.levels) == (audit, True)
+
+
+def test_canary_clients_draw_their_bits_from_the_run_seed_on_the_server():
+    # Prepare
+    cfg, _ = compose_config(["privacy=client", "audit=client", "audit.num_canaries=400"])
+    other, _ = compose_config(["privacy=client", "audit=client", "audit.num_canaries=400",
+                               "train.seed=1"])
+
+    # Execute
+    bits = client_membership(cfg.task)
+
+    # Assert: (run seed, "audit", "client"); about half in; no site gets any.
+    expected = np.random.default_rng(derive_seed(0, "audit", "client")).random(400) < 0.5
+    np.testing.assert_array_equal(bits, expected)
+    assert 150 < bits.sum() < 250
+    assert not np.array_equal(bits, client_membership(other.task))
+    assert all(site_canaries(cfg.task, p, 3) is None for p in range(3))
+    assert build_stack(cfg).client_dp.canaries.tolist() == bits.tolist()

@@ -80,3 +80,81 @@ def test_a_noiseless_release_is_refused():
     with pytest.raises(ValueError, match="noise_multiplier=0"):
         ClientLevelDP(FedAvg(), noise_multiplier=0.0, clipping_norm=1.0,
                       num_sampled_clients=3, noise=_zero_noise)
+
+
+def _constant_noise(server_round):
+    """Every draw is std itself: the noise term is visible in the figures."""
+    return lambda shape, std: np.full(shape, std)
+
+
+def test_canary_clients_are_released_in_a_separate_block(msgs, task_identity):
+    # Prepare: m = 3 planned, k = 2 replied, C = 2, sigma = 1.5, so the noise std of the
+    # release is sigma C / m = 1.0; canaries 0 and 2 of 4 are in.
+    dp = ClientLevelDP(FedAvg(min_train_nodes=1, min_available_nodes=3), noise_multiplier=1.5,
+                       clipping_norm=2.0, num_sampled_clients=3, noise=_constant_noise,
+                       canaries=np.array([1, 0, 1, 0]))
+    dp.configure_train(1, msgs.arrays(w=GLOBAL), ConfigRecord({}), msgs.FakeGrid([1, 2, 3]))
+    replies = [msgs.reply(1, {"w": np.array([3.0, 4.0])}),   # norm 5 -> [1.2, 1.6]
+               msgs.reply(2, {"w": np.array([0.0, 1.0])})]   # norm 1, kept
+
+    arrays, _ = dp.aggregate_train(1, replies)
+
+    # By hand: model = ([1.2, 1.6] + [0, 1]) / 3 + 1.0 = [1.4, 1.8666...];
+    # block = (C b_j) / 3 + 1.0 = [2/3 + 1, 1, 2/3 + 1, 1].
+    assert list(arrays.keys()) == ["w"]  # the block never reaches the model
+    assert msgs.weights(arrays) == pytest.approx([1.4, 2.6 / 3 + 1.0])
+    [(rnd, block)] = dp.canary_releases
+    assert rnd == 1
+    assert block == pytest.approx([5 / 3, 1.0, 5 / 3, 1.0])
+    assert dp.canary_sum() == pytest.approx([2.0, 0.0, 2.0, 0.0])
+
+
+def test_canaries_change_neither_the_model_nor_the_release_record(msgs, task_identity):
+    # Prepare: the same seeded noise with and without 500 canaries.
+    def noise(server_round):
+        rng = np.random.default_rng(server_round)
+        return lambda shape, std: rng.normal(0.0, std, shape)
+
+    def release(canaries):
+        dp = ClientLevelDP(FedAvg(min_train_nodes=1, min_available_nodes=3),
+                           noise_multiplier=1.0, clipping_norm=1.0, num_sampled_clients=3,
+                           noise=noise, canaries=canaries)
+        dp.configure_train(1, msgs.arrays(w=np.zeros(50)), ConfigRecord({}),
+                           msgs.FakeGrid([1, 2, 3]))
+        replies = [msgs.reply(n, {"w": np.full(50, 0.1 * n)}) for n in (1, 2, 3)]
+        return msgs.weights(dp.aggregate_train(1, replies)[0]), dp.releases
+
+    bits = np.random.default_rng(7).random(500) < 0.5
+
+    # Execute
+    plain, plain_releases = release(None)
+    audited, audited_releases = release(bits)
+
+    # Assert: the block's noise is drawn after the model's.
+    np.testing.assert_array_equal(plain, audited)
+    assert plain_releases == audited_releases
+
+
+def test_the_block_has_the_release_noise(msgs, task_identity):
+    # Prepare: sigma = 2, C = 1.5, m = 3 (std 1.0); 20,000 canaries, none in.
+    def noise(server_round):
+        rng = np.random.default_rng(server_round)
+        return lambda shape, std: rng.normal(0.0, std, shape)
+
+    dp = ClientLevelDP(FedAvg(min_train_nodes=1, min_available_nodes=3), noise_multiplier=2.0,
+                       clipping_norm=1.5, num_sampled_clients=3, noise=noise,
+                       canaries=np.zeros(20_000))
+    dp.configure_train(1, msgs.arrays(w=GLOBAL), ConfigRecord({}), msgs.FakeGrid([1, 2, 3]))
+
+    dp.aggregate_train(1, [msgs.reply(1, {"w": np.ones(2)})])
+    [(_, block)] = dp.canary_releases
+
+    # Sample std of 20,000 N(0, 1) draws: standard error ~0.005.
+    assert block.std() == pytest.approx(1.0, abs=0.03)
+    assert abs(block.mean()) < 0.03
+
+
+def test_bad_canary_bits_are_refused():
+    with pytest.raises(ValueError, match="need 1-D 0/1 membership bits"):
+        ClientLevelDP(FedAvg(), noise_multiplier=1.0, clipping_norm=1.0,
+                      num_sampled_clients=3, noise=_zero_noise, canaries=np.array([0.5, 1]))

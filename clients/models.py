@@ -101,7 +101,8 @@ class Transformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         tokens = self.embed(x.permute(0, 2, 1, 3).reshape(b, h, c * w))
-        positions = torch.arange(h, device=x.device).expand(b, h)
+        # Contiguous: Opacus' ghost-clipping norm for nn.Embedding views its input flat.
+        positions = torch.arange(h, device=x.device).expand(b, h).contiguous()
         z = self.blocks(tokens + self.pos(positions))
         return self.head(self.norm(z).mean(dim=1))
 

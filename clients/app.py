@@ -7,6 +7,11 @@ plain state dict, its metrics and the hash of its ledger charge. Its privacy
 state is its own ledger (``clients.state``): σ, calibrated once per run, and
 every release it ever made, which its ε cap bounds. A site whose next round
 would cross its cap declines with a structured ``budget_exhausted`` reply.
+
+Work that is a pure function of the run's settings (the bundled data pool and
+its cut, σ calibration, ε of a history) is remembered by the worker process's
+:class:`~clients.cache.WorkerCache`; it changes no value, only how often it is
+computed.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from flwr.clientapp import ClientApp
 
 from clients.adversary import flip_labels, poison_update
 from clients.audit import attach_canary_block, site_canaries
+from clients.cache import WorkerCache, worker_cache
 from clients.charging import Caps, Refusal, caps_of, charge
 from clients.config import ClientTask, ConfigError, from_flat
 from clients.data import ArrayData
@@ -51,18 +57,18 @@ from clients.sitedata import (
 )
 from clients.state import Site, run_history, site_history, site_of
 from clients.train import dp_train_round, pick_device, plain_train_round, predict
-from privacy import (
-    GaussianRelease,
-    calibrate_noise_multiplier,
-    compress,
-    planned_poisson_schedule,
-)
+from privacy import GaussianRelease, compress, planned_poisson_schedule
 from privacy.budget import check_budget
 from privacy.ledger import LedgerRow
 
 __all__ = ["app", "ClientFailure", "derive_seed"]
 
 app = ClientApp()
+# Flower pickles `app` with every message, so nothing on it outlives a call. What a
+# worker keeps between messages is its process's WorkerCache (clients.cache): each
+# handler takes it from worker_cache() once per message and passes it down. It is
+# created on a worker's first message, lives as long as the worker process, is
+# bounded, and holds only pure results (never privacy state: that is the ledger).
 
 
 class ClientFailure(RuntimeError):
@@ -85,14 +91,15 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def _load(task: ClientTask, site: Site, context: Context,
-          config: ConfigRecord) -> tuple[SiteData, torch.device]:
+def _load(task: ClientTask, site: Site, context: Context, config: ConfigRecord,
+          cache: WorkerCache) -> tuple[SiteData, torch.device]:
     stats = None
     if STATS_MEAN_KEY in config:
         stats = (numbers(config, STATS_MEAN_KEY), numbers(config, STATS_STD_KEY))
     data = load_site_data(task.dataset, node_config=context.node_config,
                           partition_id=site.partition_id, num_partitions=site.num_partitions,
-                          seed=task.train.seed, state_dir=site.state_dir, stats=stats)
+                          seed=task.train.seed, state_dir=site.state_dir, stats=stats,
+                          partition=cache.client_partition)
     return data, pick_device(site.device)
 
 
@@ -104,7 +111,7 @@ def _model(task: ClientTask, data: ArrayData, arrays: ArrayRecord) -> torch.nn.M
 
 
 def _sigma(task: ClientTask, known: float | None, q: float, total_steps: int,
-           prior: list[GaussianRelease]) -> float:
+           prior: list[GaussianRelease], cache: WorkerCache) -> float:
     """This run's σ: read back from its first charge, else calibrated for the whole schedule.
 
     ``prior``: this run's earlier releases at other levels (the statistics
@@ -112,7 +119,7 @@ def _sigma(task: ClientTask, known: float | None, q: float, total_steps: int,
     """
     if known is not None:
         return known
-    return calibrate_noise_multiplier(
+    return cache.noise_multiplier(
         target_epsilon=task.privacy.target_epsilon, delta=task.privacy.delta,
         sample_rate=q, steps=total_steps, accountant=task.privacy.accountant, prior=prior,
     )
@@ -167,7 +174,7 @@ DATA_ERRORS: tuple[type[Exception], ...] = (LoaderError, PreprocessError, Schema
 
 
 def _plan_and_charge(task: ClientTask, site: Site, run_id: str, server_round: int,
-                     n: int) -> _Plan | Refusal:
+                     n: int, cache: WorkerCache) -> _Plan | Refusal:
     """Check the site's cap, then commit this round's DP-SGD charge to its ledger."""
     pc, tc = task.privacy, task.train
     q, per_round, total = planned_poisson_schedule(
@@ -178,12 +185,12 @@ def _plan_and_charge(task: ClientTask, site: Site, run_id: str, server_round: in
         known_sigma, run_hist = run_history(ledger, run_id, site.name)
         other_levels = [r.charge.release() for r in ledger.rows(run_id=run_id, site=site.name)
                         if r.charge.level != "sample"]
-        sigma = _sigma(task, known_sigma, q, total, other_levels)
+        sigma = _sigma(task, known_sigma, q, total, other_levels, cache)
         planned = GaussianRelease(sigma, q, per_round)
         lifetime = site_history(ledger, site.name)
         row = charge(ledger, site=site, pc=pc, caps=caps, run_id=run_id,
                      server_round=server_round, level="sample", release=planned,
-                     clipping_norm=pc.max_grad_norm, num_records=n)
+                     clipping_norm=pc.max_grad_norm, num_records=n, memo=cache.epsilon)
     if isinstance(row, Refusal):
         return row
     return _Plan(sigma, planned, run_hist, lifetime, caps, row)
@@ -197,6 +204,7 @@ def train(msg: Message, context: Context) -> Message:
     train, and only then let the update leave (write-ahead charging).
     """
     with _report_failures(context.node_config.get("partition-id", "?")):
+        cache = worker_cache()
         config = config_record(msg.content)
         task = from_flat(ClientTask, dict(config))
         server_round = integer(config, "server-round")
@@ -207,7 +215,7 @@ def train(msg: Message, context: Context) -> Message:
             )
         site = site_of(context, config)
         try:
-            data, device = _load(task, site, context, config)
+            data, device = _load(task, site, context, config, cache)
         except DATA_ERRORS as ex:
             return _data_error(msg, site, ex)
         train_data = data.train
@@ -219,11 +227,12 @@ def train(msg: Message, context: Context) -> Message:
         canaries = site_canaries(task, site.partition_id, site.num_partitions)
         records = len(train_data) + (canaries.included if canaries is not None else 0)
         if "sample" not in pc.levels:
-            return _train_without_sample_dp(msg, context, task, site, train_data, attacking)
-        plan = _plan_and_charge(task, site, str(context.run_id), server_round, records)
+            return _train_without_sample_dp(msg, context, task, site, train_data, attacking,
+                                            cache)
+        plan = _plan_and_charge(task, site, str(context.run_id), server_round, records, cache)
         if isinstance(plan, Refusal):
             return _decline(msg, site, plan)
-        local = _charge_local(task, site, str(context.run_id), server_round, records)
+        local = _charge_local(task, site, str(context.run_id), server_round, records, cache)
         if isinstance(local, Refusal):
             return _decline(msg, site, local)
         # Charged and committed: from here a crash over-counts, never under-counts.
@@ -253,14 +262,14 @@ def train(msg: Message, context: Context) -> Message:
                                     seed=derive_seed(task.train.seed, server_round,
                                                      site.partition_id, "adversary"))
         reply = _reply(msg, site, task, plan, len(train_data), result.train_loss,
-                       ArrayRecord(weights))
+                       ArrayRecord(weights), cache)
         if local is not None:
             reply.content["ledger-local"] = charge_record(local)
         return attach_canary_block(reply, result.canary_block)
 
 
 def _charge_local(task: ClientTask, site: Site, run_id: str, server_round: int,
-                  n: int) -> LedgerRow | Refusal | None:
+                  n: int, cache: WorkerCache) -> LedgerRow | Refusal | None:
     """Local DP (``privacy.levels`` has ``local``): check the cap, then commit this round's
     release to the site's ledger, before anything is trained or sent."""
     pc = task.privacy
@@ -270,7 +279,7 @@ def _charge_local(task: ClientTask, site: Site, run_id: str, server_round: int,
         return charge(ledger, site=site, pc=pc, caps=caps_of(site, pc), run_id=run_id,
                       server_round=server_round, level="local",
                       release=local_release(pc.local_noise_multiplier),
-                      clipping_norm=pc.local_clipping_norm, num_records=n)
+                      clipping_norm=pc.local_clipping_norm, num_records=n, memo=cache.epsilon)
 
 
 def _local_dp(weights: dict[str, torch.Tensor], msg: Message, task: ClientTask, site: Site,
@@ -285,14 +294,16 @@ def _local_dp(weights: dict[str, torch.Tensor], msg: Message, task: ClientTask, 
 
 
 def _train_without_sample_dp(msg: Message, context: Context, task: ClientTask, site: Site,
-                             train_data: ArrayData, attacking: bool) -> Message:
+                             train_data: ArrayData, attacking: bool,
+                             cache: WorkerCache) -> Message:
     """A round without DP-SGD: plain SGD, then local DP if configured (client-level DP,
     if configured, happens at the server). The reply carries the local charge, or
     only the site's name when the site itself releases nothing noised."""
     config = config_record(msg.content)
     server_round = integer(config, "server-round")
     pc = task.privacy
-    local = _charge_local(task, site, str(context.run_id), server_round, len(train_data))
+    local = _charge_local(task, site, str(context.run_id), server_round, len(train_data),
+                          cache)
     if isinstance(local, Refusal):
         return _decline(msg, site, local)
     model = _model(task, train_data, array_record(msg.content))
@@ -346,11 +357,11 @@ def _check_charged(plan: _Plan, history: list[tuple[float, float, int]]) -> None
 
 
 def _reply(msg: Message, site: Site, task: ClientTask, plan: _Plan, n: int, train_loss: float,
-           arrays: ArrayRecord) -> Message:
+           arrays: ArrayRecord, cache: WorkerCache) -> Message:
     pc = task.privacy
     next_round = None if plan.caps.cap is None else check_budget(
         spent=[*plan.lifetime, plan.planned], planned=[plan.planned], cap=plan.caps.cap,
-        delta=pc.delta, accountant=pc.accountant)
+        delta=pc.delta, accountant=pc.accountant, memo=cache.epsilon)
     metrics = MetricRecord({
         "num-examples": n,
         "client": site.partition_id,
@@ -375,11 +386,12 @@ def _reply(msg: Message, site: Site, task: ClientTask, plan: _Plan, n: int, trai
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this client's local validation split."""
     with _report_failures(context.node_config.get("partition-id", "?")):
+        cache = worker_cache()
         task = from_flat(ClientTask, dict(config_record(msg.content)))
         config = config_record(msg.content)
         site = site_of(context, config)
         try:
-            data, device = _load(task, site, context, config)
+            data, device = _load(task, site, context, config, cache)
         except DATA_ERRORS as ex:
             return _data_error(msg, site, ex)
         val = data.val
@@ -404,6 +416,7 @@ def query(msg: Message, context: Context) -> Message:
     declined, like a training round, when the site's cap cannot pay for it.
     """
     with _report_failures(context.node_config.get("partition-id", "?")):
+        cache = worker_cache()
         config = config_record(msg.content)
         task = from_flat(ClientTask, dict(config))
         step = statistics_step(task.dataset)
@@ -414,7 +427,8 @@ def query(msg: Message, context: Context) -> Message:
         try:
             x, n = cleaned_features(task.dataset, node_config=context.node_config,
                                     partition_id=site.partition_id,
-                                    num_partitions=site.num_partitions, seed=task.train.seed)
+                                    num_partitions=site.num_partitions, seed=task.train.seed,
+                                    partition=cache.client_partition)
         except DATA_ERRORS as ex:
             return _data_error(msg, site, ex)
         pc = task.privacy
@@ -423,7 +437,8 @@ def query(msg: Message, context: Context) -> Message:
         with site.ledger() as ledger:
             row = charge(ledger, site=site, pc=pc, caps=caps_of(site, pc),
                          run_id=str(context.run_id), server_round=0, level="statistics",
-                         release=release, clipping_norm=STATISTICS_SENSITIVITY, num_records=n)
+                         release=release, clipping_norm=STATISTICS_SENSITIVITY, num_records=n,
+                         memo=cache.epsilon)
         if isinstance(row, Refusal):
             return _decline(msg, site, row)
         if pc.noise_generator == "secure":

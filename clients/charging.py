@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from clients.config import PrivacyConfig
 from clients.noise import describe_noise_generator
 from clients.state import Site, site_history
-from privacy import GaussianRelease, epsilon
+from privacy import EpsilonMemo, GaussianRelease, epsilon
 from privacy.budget import BudgetCheck, check_budget, effective_cap
 from privacy.ledger import Charge, Ledger, LedgerRow
 
@@ -52,21 +52,28 @@ def run_releases(ledger: Ledger, run_id: str, site: str,
 
 def charge(ledger: Ledger, *, site: Site, pc: PrivacyConfig, caps: Caps, run_id: str,
            server_round: int, level: str, release: GaussianRelease, clipping_norm: float,
-           num_records: int) -> LedgerRow | Refusal:
+           num_records: int, memo: EpsilonMemo | None = None) -> LedgerRow | Refusal:
     """Check ``release`` against the site's caps, then commit it.
 
     The committed row's ``epsilon_reported`` is this run's cumulative ε at
-    ``level`` after the release (``pc.accountant``, ``pc.delta``).
+    ``level`` after the release (``pc.accountant``, ``pc.delta``). ``memo``:
+    where ε is looked up first (the worker's, ``clients.cache``); it changes
+    no value, only how often the accountant runs.
     """
     lifetime = site_history(ledger, site.name)
     check = check_budget(spent=lifetime, planned=[release], cap=caps.cap, delta=pc.delta,
-                         accountant=pc.accountant)
+                         accountant=pc.accountant, memo=memo)
     if not check.allowed:
         return Refusal(check, caps.binding)
     same_level = run_releases(ledger, run_id, site.name, level)
     everything_is_this_level = lifetime == same_level
-    eps_level = check.after if everything_is_this_level else epsilon(
-        history=[*same_level, release], delta=pc.delta, accountant=pc.accountant)
+    if everything_is_this_level:
+        eps_level = check.after
+    elif memo is not None:
+        eps_level = memo([*same_level, release], pc.delta, pc.accountant)
+    else:
+        eps_level = epsilon(history=[*same_level, release], delta=pc.delta,
+                            accountant=pc.accountant)
     return ledger.append(Charge(
         run_id=run_id, round=server_round, site=site.name, level=level,
         noise_multiplier=release.noise_multiplier, clipping_norm=clipping_norm,

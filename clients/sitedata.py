@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,10 @@ STATS_STD_KEY = "stats-std"
 
 # A site's prepared data: train and validation sets, the augmentation, the report.
 SiteData = PipelineResult
+
+# How a simulated client gets its bundled partition: clients.data.client_partition, or
+# the same through a worker's cache (clients.cache.WorkerCache.client_partition).
+Partition = Callable[[DatasetConfig, int, int, int], tuple[ArrayData, ArrayData]]
 
 
 def task_schema(cfg: DatasetConfig) -> TaskSchema:
@@ -102,42 +106,45 @@ def read_site_records(cfg: DatasetConfig, node_config: Mapping[str, Any],
 
 
 def _local_records(cfg: DatasetConfig, node_config: Mapping[str, Any], partition_id: int,
-                   num_partitions: int, seed: int
+                   num_partitions: int, seed: int, partition: Partition = client_partition,
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str, int, str, int]:
     """``(x, y, raw labels, source, rows read, kind, num_classes)`` before preprocessing."""
     if cfg.is_files:
         x, y, labels, source, rows = read_site_records(cfg, node_config, partition_id)
         schema = task_schema(cfg)
         return x, y, labels, source, rows, schema.kind, schema.num_classes
-    local, _ = client_partition(replace(cfg, val_fraction=0.0), partition_id, num_partitions,
-                                seed)
+    local, _ = partition(replace(cfg, val_fraction=0.0), partition_id, num_partitions, seed)
     kind = "image" if local.x.ndim == 4 else "tabular"
     return (local.x.astype(np.float64), local.y, local.y, f"bundled:{cfg.name}", len(local),
             kind, local.num_classes)
 
 
 def cleaned_features(cfg: DatasetConfig, *, node_config: Mapping[str, Any], partition_id: int,
-                     num_partitions: int, seed: int) -> tuple[np.ndarray, int]:
+                     num_partitions: int, seed: int, partition: Partition = client_partition,
+                     ) -> tuple[np.ndarray, int]:
     """The cleaned, not yet normalised features the statistics round sums up."""
-    x, y, labels, *_ = _local_records(cfg, node_config, partition_id, num_partitions, seed)
+    x, y, labels, *_ = _local_records(cfg, node_config, partition_id, num_partitions, seed,
+                                      partition)
     x, y, _ = build_pipeline(list(cfg.preprocess)).clean_only(x, y, raw_labels=labels)
     return x, len(y)
 
 
 def load_site_data(cfg: DatasetConfig, *, node_config: Mapping[str, Any], partition_id: int,
                    num_partitions: int, seed: int, state_dir: Path | None = None,
-                   stats: tuple[list[float], list[float]] | None = None) -> SiteData:
+                   stats: tuple[list[float], list[float]] | None = None,
+                   partition: Partition = client_partition) -> SiteData:
     """This site's ``(train, validation)`` data, prepared by ``dataset.preprocess``.
 
     Bundled data sets with no preprocessing steps keep the plain partition and
-    split of :func:`clients.data.client_partition`.
+    split of :func:`clients.data.client_partition` (or ``partition``, the same
+    through a worker's cache).
     """
     if not cfg.is_files and not cfg.preprocess:
-        train, val = client_partition(cfg, partition_id, num_partitions, seed)
+        train, val = partition(cfg, partition_id, num_partitions, seed)
         return SiteData(train, val, None, {"source": f"bundled:{cfg.name}",
                                            "rows_read": len(train) + len(val)})
     x, y, labels, source, rows, kind, num_classes = _local_records(
-        cfg, node_config, partition_id, num_partitions, seed)
+        cfg, node_config, partition_id, num_partitions, seed, partition)
     result = _pipeline(cfg, stats).run(x, y, kind=kind, num_classes=num_classes,
                                        seed=seed + 1 + partition_id, raw_labels=labels)
     report = {"source": source, "rows_read": rows, **result.report}

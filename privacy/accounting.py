@@ -302,10 +302,29 @@ class EpsilonMemo:
     (sites with the same σ and q; the same history once per report). The memo
     is an explicit object: whoever creates it owns it for as long as it lives
     (a run, an audit); it is never a module global.
+
+    Parameters
+    ----------
+    maxsize : histories kept, the least recently used evicted first (``None``:
+        no bound; 0: keeps none, every call computes). ``hits`` and ``misses``
+        count the calls answered from the memo and computed.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, maxsize: int | None = None) -> None:
+        if maxsize is not None and (isinstance(maxsize, bool) or not isinstance(maxsize, int)
+                                    or maxsize < 0):
+            raise ValueError(f"maxsize={maxsize!r}: must be None or an integer >= 0")
+        self.maxsize = maxsize
         self._memo: dict[tuple[Any, ...], float] = {}
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._memo)
+
+    def clear(self) -> None:
+        """Forget every result (and the counts)."""
+        self._memo.clear()
+        self.hits = self.misses = 0
 
     def __call__(self, history: Iterable[GaussianRelease | Sequence[Any]], delta: float,
                  accountant: str) -> float:
@@ -319,9 +338,17 @@ class EpsilonMemo:
             k = (r.noise_multiplier, r.sample_rate, r.sampling, r.relation)
             steps[k] = steps.get(k, 0) + r.steps
         key = (delta, accountant, tuple(sorted((*k, n) for k, n in steps.items())))
-        if key not in self._memo:
-            self._memo[key] = epsilon(history=releases, delta=delta, accountant=accountant)
-        return self._memo[key]
+        if key in self._memo:
+            self.hits += 1
+            self._memo[key] = self._memo.pop(key)  # now the most recently used
+            return self._memo[key]
+        self.misses += 1
+        value = epsilon(history=releases, delta=delta, accountant=accountant)
+        if self.maxsize is None or self.maxsize > 0:
+            self._memo[key] = value
+            if self.maxsize is not None and len(self._memo) > self.maxsize:
+                del self._memo[next(iter(self._memo))]
+        return value
 
     def all(self, history: Iterable[GaussianRelease | Sequence[Any]],
             delta: float) -> dict[str, float | None]:

@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from privacy.accounting import GaussianRelease, epsilon
+from privacy.accounting import EpsilonMemo, GaussianRelease, epsilon
 
 __all__ = ["BudgetCheck", "check_budget", "effective_cap"]
 
@@ -56,14 +56,23 @@ def check_budget(
     cap: float | None,
     delta: float,
     accountant: str,
+    memo: EpsilonMemo | None = None,
 ) -> BudgetCheck:
     """Whether ``planned`` releases fit under ``cap`` on top of ``spent`` ones.
 
     ``spent`` is the site's whole history; both ε values are cumulative.
+    ``memo``: where ε is looked up first (a pure function of the history, so
+    the answer is the same with or without it).
     """
     spent, planned = list(spent), list(planned)
-    after = epsilon(history=spent + planned, delta=delta, accountant=accountant)
+
+    def eps(history: list[GaussianRelease | Sequence[float]]) -> float:
+        if memo is not None:
+            return memo(history, delta, accountant)
+        return epsilon(history=history, delta=delta, accountant=accountant)
+
+    after = eps(spent + planned)
     if cap is None or after <= cap:
         return BudgetCheck(allowed=True, after=after, cap=cap)
-    before = epsilon(history=spent, delta=delta, accountant=accountant)
+    before = eps(spent)
     return BudgetCheck(allowed=False, after=after, cap=cap, spent=before)

@@ -8,15 +8,17 @@ thin wrapper, in CPU seconds, which a shared machine disturbs less than wall
 time; cProfile of one more call names the hottest functions. One untimed call
 first pays the imports.
 
-``what_if`` re-runs the same calls with suggested fixes patched in for the
-duration of the measurement only (restored afterwards): each is an explicit
-memo object owned by this function, and none changes what is charged or
-accounted, since σ and ε are pure functions of the memo's key.
+The calls run with a worker cache of their own (``clients.cache``), as a
+worker's calls do: the untimed first call fills it. ``what_if`` re-runs the
+same calls in another setting, the reference for the fix: ``without worker
+cache`` (a cache that keeps nothing, so every call loads and cuts the data,
+calibrates σ and asks the accountant for ε, as fedpriv did before the cache).
 """
 
 from __future__ import annotations
 
 import cProfile
+import dataclasses
 import pstats
 import tempfile
 import time
@@ -27,7 +29,7 @@ from typing import Any
 
 from simulations.benchmarks.suites import ProfileSpec
 
-__all__ = ["PHASES", "WHAT_IF", "fixes", "run_profile"]
+__all__ = ["PHASES", "WHAT_IF", "variant", "run_profile"]
 
 # phase -> the name ``clients.app.train`` calls it by (a global of clients.app). They
 # do not nest: calibration runs before the charge, the charge before training.
@@ -157,7 +159,7 @@ def _top(stats: pstats.Stats, top: int) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------
-# Suggested fixes, patched in for a measurement (each memo is owned here)
+# Settings compared with fedpriv as is
 # ---------------------------------------------------------------------------
 
 @contextmanager
@@ -170,48 +172,18 @@ def _patched(module: Any, name: str, make: Callable[[Any], Any]) -> Iterator[Non
         setattr(module, name, original)
 
 
-def _memo(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Remember ``fn``'s results by the repr of its arguments (the memo lives in the closure)."""
-    seen: dict[str, Any] = {}
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        key = repr((args, sorted(kwargs.items())))
-        if key not in seen:
-            seen[key] = fn(*args, **kwargs)
-        return seen[key]
-
-    return wrapper
-
-
 @contextmanager
-def fixes(variant: str) -> Iterator[None]:
-    """Patch in the suggested fixes named by ``variant`` (one of :data:`WHAT_IF`)."""
-    import clients.app
-    import clients.charging
-    import clients.data
-    import privacy.budget
-    from privacy.accounting import EpsilonMemo
+def variant(name: str) -> Iterator[None]:
+    """Run the calls inside in the setting ``name`` (one of :data:`WHAT_IF`)."""
+    from clients.cache import WorkerCache, use_worker_cache
 
-    with ExitStack() as stack:
-        if variant in ("data pool cached", "all three"):
-            # One load and one cut per process, shared by every client it simulates.
-            stack.enter_context(_patched(clients.data, "server_test_split", _memo))
-            stack.enter_context(_patched(clients.data, "partition_all", _memo))
-        if variant in ("sigma memo", "all three"):
-            stack.enter_context(_patched(clients.app, "calibrate_noise_multiplier", _memo))
-        if variant in ("epsilon memo", "all three"):
-            memo = EpsilonMemo()
-
-            def memo_epsilon(_fn: Any) -> Callable[..., float]:
-                return lambda *, history, delta, accountant="rdp": memo(history, delta,
-                                                                      accountant)
-
-            stack.enter_context(_patched(clients.charging, "epsilon", memo_epsilon))
-            stack.enter_context(_patched(privacy.budget, "epsilon", memo_epsilon))
+    if name not in WHAT_IF:
+        raise ValueError(f"what_if={name!r}: unknown; choose from {list(WHAT_IF)}")
+    with use_worker_cache(WorkerCache.disabled()):
         yield
 
 
-WHAT_IF = ("data pool cached", "sigma memo", "epsilon memo", "all three")
+WHAT_IF = ("without worker cache",)
 
 
 def run_profile(spec: ProfileSpec, work: Path) -> dict[str, Any]:
@@ -221,32 +193,41 @@ def run_profile(spec: ProfileSpec, work: Path) -> dict[str, Any]:
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
     # PRV at q = 1 (a client with fewer records than a batch) takes log(0) on the way.
     warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"opacus\.")
+    from clients.cache import WorkerCache, use_worker_cache
+
     work.mkdir(parents=True, exist_ok=True)
-    harness = _Harness(spec, work)
-    harness.call()  # imports, lazy initialisation: once per worker process
-    as_is = _measure(harness, spec.calls)
-    what_if = []
     unknown = [v for v in spec.what_if if v not in WHAT_IF]
     if unknown:
         raise ValueError(f"what_if={unknown}: unknown; choose from {list(WHAT_IF)}")
-    for variant in spec.what_if:
-        with fixes(variant):
-            harness.call()  # fills the memos: a worker's first client pays this once
+    harness = _Harness(spec, work)
+    cache = WorkerCache()  # this measurement's worker, as a Ray worker would hold one
+    with use_worker_cache(cache):
+        harness.call()  # imports, lazy initialisation, the cache filled: once per worker
+        as_is = _measure(harness, spec.calls)
+        top = _top(_profiled(harness), spec.top)
+    what_if = []
+    for name in spec.what_if:
+        with variant(name):
             m = _measure(harness, spec.calls)
-        what_if.append({"variant": variant, "cpu_s": round(m["cpu_s"], 3),
+        # speedup: how many times less CPU fedpriv as is takes than in this setting.
+        what_if.append({"variant": name, "cpu_s": round(m["cpu_s"], 3),
                         "wall_s": round(m["wall_s"], 3),
-                        "speedup": round(as_is["cpu_s"] / m["cpu_s"], 2) if m["cpu_s"] else None})
+                        "speedup": round(m["cpu_s"] / as_is["cpu_s"], 2) if as_is["cpu_s"]
+                        else None})
     return {
-        "method": (f"clients.app.train called in process as a new client in round 1 "
-                   f"({spec.calls} call(s) after one untimed call; {spec.num_clients} clients, "
+        "method": (f"clients.app.train called in process as a new client in round 1, "
+                   f"with a worker cache of its own ({spec.calls} call(s) after one untimed "
+                   f"call that fills it; {spec.num_clients} clients, "
                    f"`{spec.dataset}`, `{spec.model}`), its phases timed by wrappers (CPU "
                    f"seconds per call); top functions from cProfile of one more call (the "
-                   f"profiler inflates call-heavy Python code)"),
+                   f"profiler inflates call-heavy Python code); what_if: the same calls in "
+                   f"another setting, speedup = its CPU s ÷ as is"),
         "dataset": spec.dataset, "model": spec.model, "num_clients": spec.num_clients,
         "calls": spec.calls,
         "cpu_s_per_call": round(as_is["cpu_s"], 3),
         "wall_s_per_call": round(as_is["wall_s"], 3),
         "phases": as_is["phases"],
-        "top_self_cpu": _top(_profiled(harness), spec.top),
+        "cache": {k: dataclasses.asdict(v) for k, v in cache.stats().items()},
+        "top_self_cpu": top,
         "what_if": what_if,
     }

@@ -130,13 +130,13 @@ def summarise_run(run: MonitoredRun, round_s: list[float], sampled: int) -> dict
 
 
 def _fedpriv(spec: ThroughputSpec, size: int, sampled: int, work: Path,
-             with_fixes: bool = False) -> dict[str, Any]:
+             without_cache: bool = False) -> dict[str, Any]:
     run_dir = work / "run"
     overrides = fedpriv_overrides(dataset=spec.dataset, model=spec.model, clients=size,
                                   sampled=sampled, rounds=spec.rounds,
                                   round_timeout=spec.timeout_s, extra=spec.overrides)
     cmd = ([sys.executable, "-m", "simulations.benchmarks.whatif", str(run_dir), *overrides]
-           if with_fixes else [sys.executable, "-m", "simulations.cli", "simulate",
+           if without_cache else [sys.executable, "-m", "simulations.cli", "simulate",
                                *overrides, f"hydra.run.dir={run_dir}"])
     run = run_monitored(cmd, work / "fedpriv.out", spec.timeout_s, run_dir / "metrics.jsonl")
     if run.returncode != 0:
@@ -178,7 +178,7 @@ def run_throughput(spec: ThroughputSpec, work: Path) -> dict[str, Any]:
     sizes: dict[str, Any] = {}
     for size in spec.sizes:
         sampled = min(spec.sampled, size)
-        kinds = ("fedpriv", "naive", *(("fedpriv_with_fixes",) if size in spec.what_if_sizes
+        kinds = ("fedpriv", "naive", *(("fedpriv_without_cache",) if size in spec.what_if_sizes
                                        else ()))
         runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
         for rep in range(spec.repeats):
@@ -190,14 +190,14 @@ def run_throughput(spec: ThroughputSpec, work: Path) -> dict[str, Any]:
                     runs[kind].append(_naive(spec, size, sampled, where))
                 else:
                     runs[kind].append(_fedpriv(spec, size, sampled, where,
-                                               with_fixes=kind == "fedpriv_with_fixes"))
+                                               without_cache=kind == "fedpriv_without_cache"))
         row: dict[str, Any] = {"sampled": sampled}
         naive = row["naive"] = _median_of(runs["naive"])
         for kind in kinds:
             if kind == "naive":
                 continue
             fed = row[kind] = _median_of(runs[kind])
-            suffix = "" if kind == "fedpriv" else "_with_fixes"
+            suffix = "" if kind == "fedpriv" else "_without_cache"
             row["speedup_vs_naive" + suffix] = (
                 fed["updates_per_s"] / naive["updates_per_s"]
                 if fed.get("updates_per_s") and naive.get("updates_per_s") else None)
@@ -218,9 +218,9 @@ def run_throughput(spec: ThroughputSpec, work: Path) -> dict[str, Any]:
                    f"seconds per update of the whole process tree, Ray's start-up included); "
                    f"median of {spec.repeats} run(s), order alternated; peak RSS: the "
                    f"kernel's high-water mark of each Ray ClientAppActor process. "
-                   f"fedpriv_with_fixes (at {list(spec.what_if_sizes)} clients): the same "
-                   f"simulation with the suggested client memos patched in "
-                   f"(simulations/benchmarks/whatif.py), a projection, not fedpriv as is"),
+                   f"fedpriv_without_cache (at {list(spec.what_if_sizes)} clients): the same "
+                   f"simulation with each worker's cache off "
+                   f"(simulations/benchmarks/whatif.py), fedpriv as it was before the cache"),
         "dataset": spec.dataset, "model": spec.model, "rounds": spec.rounds,
         "repeats": spec.repeats, "sizes": sizes,
         "fedpriv_peak_rss_per_worker_mb": max(per_worker) if per_worker else None,

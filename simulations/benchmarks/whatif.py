@@ -1,19 +1,11 @@
-"""fedpriv's simulation with the suggested client fixes patched in: a measurement only.
+"""fedpriv's simulation without its worker cache: the reference for the fix.
 
 Runs what ``fedpriv simulate`` runs (the same composed config, ServerApp, run
-directory and Flower's Ray backend) except that each client worker wraps
-fedpriv's own ClientApp (every handler) with three memos
-(:func:`simulations.benchmarks.client_profile.fixes`): the bundled data pool
-and its partition cut, σ calibration, and ε of a history. Each is a pure
-function of its key, so nothing that is charged or accounted changes; the run
-directory and ledgers are written as usual.
-
-Flower pickles the ClientApp with every message (``vce_api`` and
-``ray_actor.run``), so nothing attached to it survives between calls; what
-outlives a call in a worker process is what its modules hold. Here that is
-:data:`WORKER_FIXES`, created when a worker first imports this module and
-kept for the worker's life. This is the shape the suggested fix would take in
-``clients.app``: one explicit, documented object per worker process.
+directory and Flower's Ray backend) except that each message is handled with a
+worker cache that keeps nothing (``clients.cache.WorkerCache.disabled()``): the
+client loads and cuts the data, calibrates σ and asks the accountant for ε in
+every call, as fedpriv did before the cache. The cache changes no value, so the
+run directory and ledgers are what ``fedpriv simulate`` writes.
 
 Run as ``python -m simulations.benchmarks.whatif RUN_DIR [HYDRA OVERRIDES…]``.
 """
@@ -22,44 +14,26 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import ExitStack
 from pathlib import Path
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-__all__ = ["WorkerFixes", "client_app", "main"]
+__all__ = ["client_app", "main"]
 
 
-class WorkerFixes:
-    """The memos of one worker process, installed on first use and kept for its life."""
-
-    def __init__(self) -> None:
-        self._stack: ExitStack | None = None
-
-    def install(self) -> None:
-        if self._stack is None:
-            from simulations.benchmarks.client_profile import fixes
-
-            stack = ExitStack()
-            stack.enter_context(fixes("all three"))
-            self._stack = stack
-
-
-WORKER_FIXES = WorkerFixes()
-
-
-class _PatchedClientApp(ClientApp):
-    """fedpriv's own ClientApp (every message type it handles), fixes installed first."""
+class _UncachedClientApp(ClientApp):
+    """fedpriv's own ClientApp (every message type it handles), its worker cache off."""
 
     def __call__(self, message: Message, context: Context) -> Message:
         from clients.app import app as fedpriv_app
+        from clients.cache import WorkerCache, use_worker_cache
 
-        WORKER_FIXES.install()
-        return fedpriv_app(message, context)
+        with use_worker_cache(WorkerCache.disabled()):
+            return fedpriv_app(message, context)
 
 
-client_app = _PatchedClientApp()
+client_app = _UncachedClientApp()
 
 
 def main(run_dir: str, overrides: list[str]) -> None:

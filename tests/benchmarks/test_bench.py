@@ -52,7 +52,7 @@ def test_dp_overhead_reports_every_model_and_mode(dp_overhead):
             assert row["peak_rss_mb"] > row["training_memory_mb"]
 
 
-def test_profile_times_every_phase_and_each_fix(profile):
+def test_profile_times_every_phase_with_and_without_the_worker_cache(profile):
     from simulations.benchmarks.client_profile import PHASES
 
     phases = {p["phase"]: p for p in profile["phases"]}
@@ -62,6 +62,8 @@ def test_profile_times_every_phase_and_each_fix(profile):
     assert phases["DP-SGD epoch (Opacus)"]["cpu_s"] > 0  # the handler really trained
     assert [w["variant"] for w in profile["what_if"]] == list(TINY.profile.what_if)
     assert all(w["cpu_s"] > 0 for w in profile["what_if"])
+    # As is, the calls after the first take the data from the worker's cache.
+    assert profile["cache"]["data"]["hits"] >= TINY.profile.calls
     assert profile["top_self_cpu"]
 
 

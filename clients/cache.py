@@ -1,0 +1,195 @@
+"""The worker cache: results a client process keeps between messages.
+
+Flower pickles the ClientApp with every message (``vce_api._load``,
+``ray_actor.run``), so nothing attached to ``clients.app.app`` outlives one
+call. What outlives it is the worker process, so the cache belongs to the
+process: :func:`worker_cache` returns this process's :class:`WorkerCache`,
+created on first use and kept until the process ends; :func:`use_worker_cache`
+puts another one in place (a test, a benchmark, a disabled cache) and
+:meth:`WorkerCache.clear` empties it.
+
+It remembers three pure functions of their keys, nothing else:
+
+- a bundled data set's train pool and its partition cut (the indices of every
+  client), keyed by the dataset config, the seed and the number of partitions;
+  site files are read anew every call (a site may change its file);
+- σ calibrations (:func:`privacy.calibrate_noise_multiplier`), keyed by every
+  argument of the calibration;
+- ε of a history (:class:`privacy.EpsilonMemo`), keyed by its composition, δ
+  and the accountant.
+
+So no charge, σ or ε changes with it: the ledgers stay the only privacy state
+(a run's σ is still read back from its first charge, every release is still
+committed before it is made). Each memo is bounded, the oldest entry evicted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import numpy as np
+
+from clients.config import DatasetConfig
+from clients.data import ArrayData, client_partition, partition_all, server_test_split
+from privacy import EpsilonMemo, GaussianRelease, calibrate_noise_multiplier
+
+__all__ = ["CacheStats", "WorkerCache", "worker_cache", "use_worker_cache"]
+
+V = TypeVar("V")
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """How one memo of a :class:`WorkerCache` has done since it was created or cleared."""
+
+    hits: int
+    misses: int
+    size: int
+    maxsize: int
+
+
+class _Lru(Generic[V]):
+    """At most ``maxsize`` results, the least recently used evicted first (0: keeps none)."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._items: OrderedDict[Hashable, V] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: Hashable, compute: Callable[[], V]) -> V:
+        if key in self._items:
+            self.hits += 1
+            self._items.move_to_end(key)
+            return self._items[key]
+        self.misses += 1
+        value = compute()
+        if self.maxsize > 0:
+            self._items[key] = value
+            while len(self._items) > self.maxsize:
+                self._items.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.hits = self.misses = 0
+
+    def stats(self) -> CacheStats:
+        return CacheStats(self.hits, self.misses, len(self._items), self.maxsize)
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    array.setflags(write=False)  # shared by every client of the worker: nobody may edit it
+    return array
+
+
+class WorkerCache:
+    """One client worker process's memos (see the module docstring).
+
+    Parameters
+    ----------
+    max_pools : bundled data pools (with their cut) kept; one is a whole data
+        set (Fashion-MNIST: 150 MB), so keep this small.
+    max_sigmas : σ calibrations kept.
+    max_epsilons : ε of histories kept.
+
+    A size of 0 keeps nothing: :meth:`disabled` is a cache that only computes.
+    """
+
+    def __init__(self, *, max_pools: int = 2, max_sigmas: int = 256,
+                 max_epsilons: int = 1024) -> None:
+        for name, value in (("max_pools", max_pools), ("max_sigmas", max_sigmas),
+                            ("max_epsilons", max_epsilons)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r}: must be an integer >= 0")
+        self._pools: _Lru[tuple[ArrayData, list[np.ndarray]]] = _Lru(max_pools)
+        self._sigmas: _Lru[float] = _Lru(max_sigmas)
+        self.epsilon = EpsilonMemo(maxsize=max_epsilons)
+
+    @classmethod
+    def disabled(cls) -> WorkerCache:
+        """A cache that keeps nothing: every call computes (the uncached reference)."""
+        return cls(max_pools=0, max_sigmas=0, max_epsilons=0)
+
+    def client_partition(self, cfg: DatasetConfig, partition_id: int, num_partitions: int,
+                         seed: int) -> tuple[ArrayData, ArrayData]:
+        """:func:`clients.data.client_partition`, the pool loaded and cut once per key."""
+        # The pool and the cut do not depend on the validation share; the split does,
+        # and client_partition makes it from the config it is given.
+        key = (_config_key(dataclasses.replace(cfg, val_fraction=0.0)), seed, num_partitions)
+
+        def load() -> tuple[ArrayData, list[np.ndarray]]:
+            pool, _ = server_test_split(cfg, seed)
+            pool = ArrayData(_frozen(pool.x), _frozen(pool.y), pool.num_classes)
+            parts = partition_all(cfg, num_partitions, seed, pool=pool)
+            return pool, [_frozen(p) for p in parts]
+
+        if not 0 <= partition_id < num_partitions:  # the same error, before any load
+            return client_partition(cfg, partition_id, num_partitions, seed)
+        pool, parts = self._pools.get(key, load)
+        return client_partition(cfg, partition_id, num_partitions, seed, pool=pool,
+                                parts=parts)
+
+    def noise_multiplier(self, *, target_epsilon: float, delta: float, sample_rate: float,
+                         steps: int, accountant: str,
+                         prior: Sequence[GaussianRelease] = ()) -> float:
+        """:func:`privacy.calibrate_noise_multiplier`, remembered by all its arguments."""
+        prior = tuple(prior)
+        key = (float(target_epsilon), float(delta), float(sample_rate), int(steps),
+               accountant, prior)
+        return self._sigmas.get(key, lambda: calibrate_noise_multiplier(
+            target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
+            accountant=accountant, prior=prior))
+
+    def stats(self) -> dict[str, CacheStats]:
+        """Hits, misses and sizes of each memo."""
+        eps = self.epsilon
+        return {"data": self._pools.stats(), "sigma": self._sigmas.stats(),
+                "epsilon": CacheStats(eps.hits, eps.misses, len(eps), eps.maxsize or 0)}
+
+    def clear(self) -> None:
+        """Forget everything (and the counts)."""
+        self._pools.clear()
+        self._sigmas.clear()
+        self.epsilon.clear()
+
+
+def _config_key(cfg: DatasetConfig) -> str:
+    """Every field of the config, canonically (its list fields are not hashable)."""
+    return json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=repr)
+
+
+class _ProcessCache:
+    """Holds this process's :class:`WorkerCache` (see :func:`worker_cache`)."""
+
+    def __init__(self) -> None:
+        self.cache: WorkerCache | None = None
+
+
+_PROCESS = _ProcessCache()
+
+
+def worker_cache() -> WorkerCache:
+    """This process's :class:`WorkerCache`, created on first use and kept for its life.
+
+    Every handler of ``clients.app`` takes it from here once per message.
+    """
+    if _PROCESS.cache is None:
+        _PROCESS.cache = WorkerCache()
+    return _PROCESS.cache
+
+
+@contextmanager
+def use_worker_cache(cache: WorkerCache) -> Iterator[WorkerCache]:
+    """Make ``cache`` this process's worker cache inside the block, then restore the old one."""
+    before = _PROCESS.cache
+    _PROCESS.cache = cache
+    try:
+        yield cache
+    finally:
+        _PROCESS.cache = before

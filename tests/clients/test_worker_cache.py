@@ -1,0 +1,249 @@
+"""The worker cache: the same charges, σ, ε and update as without it; distinct keys; bounded."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Metadata, RecordDict
+from flwr.app.message.message import make_message
+
+from clients.app import train
+from clients.cache import WorkerCache, use_worker_cache, worker_cache
+from clients.config import DatasetConfig, flatten
+from clients.data import client_partition
+from clients.models import build_model
+from privacy import EpsilonMemo, GaussianRelease, calibrate_noise_multiplier, epsilon
+from privacy.ledger import LEDGER_FILE, Ledger
+from server.app import compose_config
+
+RUN_ID = 7
+NUM_CLIENTS = 4
+
+
+@pytest.fixture(scope="module")
+def task():
+    # RDP at q = 1 (one batch holds a client's records) calibrates in milliseconds;
+    # 2 rounds, so that round 2 reads σ back from the ledger.
+    cfg, _ = compose_config(["train.rounds=2", "privacy.accountant=rdp", "train.batch_size=512",
+                             f"simulation.num_clients={NUM_CLIENTS}",
+                             "strategy.min_train_clients=2", "strategy.min_evaluate_clients=2"])
+    return cfg, flatten(cfg.task)
+
+
+def _call(task, root, pid, rnd):
+    """The train handler for client ``pid`` in round ``rnd``, as Flower's simulation calls it."""
+    cfg, flat = task
+    model = build_model(cfg.model, (1, 8, 8), 10, seed=0)
+    config = ConfigRecord({**flat, "lr": 0.5, "num-threads": 1, "server-round": rnd,
+                           "site-state-root": str(root)})
+    meta = Metadata(run_id=RUN_ID, message_id=f"m{pid}-{rnd}", src_node_id=0,
+                    dst_node_id=pid + 1, reply_to_message_id="", group_id=str(rnd),
+                    created_at=time.time(), ttl=3600, message_type="train")
+    context = Context(run_id=RUN_ID, node_id=pid + 1, state=RecordDict(), run_config={},
+                      node_config={"partition-id": pid, "num-partitions": NUM_CLIENTS})
+    return train(make_message(meta, RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                                                "config": config})), context)
+
+
+def _ledger_rows(root):
+    rows = []
+    for path in sorted(root.glob(f"*/{LEDGER_FILE}")):
+        with Ledger.open(path, create=False) as ledger:
+            rows += [r.charge for r in ledger.rows()]
+    return rows
+
+
+def _run(task, root, cache):
+    """Two rounds of three clients (two of them share a worker's cache, as in Ray)."""
+    replies = []
+    with use_worker_cache(cache):
+        for rnd in (1, 2):
+            for pid in (0, 1, 3):
+                replies.append(_call(task, root, pid, rnd))
+    return replies
+
+
+def test_cached_calls_charge_and_train_exactly_as_uncached_ones(task, tmp_path):
+    # Prepare
+    cached = WorkerCache()
+    # Execute
+    plain = _run(task, tmp_path / "uncached", WorkerCache.disabled())
+    fast = _run(task, tmp_path / "cached", cached)
+    # Assert: the cache was used ...
+    stats = cached.stats()
+    assert stats["data"].hits >= 5 and stats["data"].misses == 1
+    assert stats["sigma"].hits >= 1 and stats["epsilon"].hits >= 1
+    # ... and every reply is the same: metrics (σ, ε, q, steps), the update, the charge.
+    for a, b in zip(plain, fast, strict=True):
+        assert dict(a.content["metrics"]) == dict(b.content["metrics"])
+        wa = a.content["arrays"].to_torch_state_dict()
+        wb = b.content["arrays"].to_torch_state_dict()
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    charges_a, charges_b = _ledger_rows(tmp_path / "uncached"), _ledger_rows(tmp_path / "cached")
+    assert len(charges_a) == len(charges_b) == 6
+    for ca, cb in zip(charges_a, charges_b, strict=True):
+        assert (ca.noise_multiplier, ca.sample_rate, ca.steps, ca.epsilon_reported,
+                ca.num_records) == (cb.noise_multiplier, cb.sample_rate, cb.steps,
+                                    cb.epsilon_reported, cb.num_records)
+
+
+def test_sigma_and_epsilon_in_the_reply_match_the_accountant_called_directly(task, tmp_path):
+    # Prepare
+    cfg, _ = task
+    # Execute: client 1 after client 0 in one worker (client 1 hits the data cache)
+    with use_worker_cache(WorkerCache()):
+        _call(task, tmp_path, 0, 1)
+        metrics = _call(task, tmp_path, 1, 1).content["metrics"]
+    # Assert: the same σ and ε as calibrating and accounting this client's schedule anew
+    # (Opacus' Poisson loader: q = 1 / number of batches, that many steps per epoch.)
+    train_data, _ = client_partition(cfg.dataset, 1, NUM_CLIENTS, cfg.train.seed)
+    batches = -(-len(train_data) // cfg.train.batch_size)
+    q, steps = 1.0 / batches, cfg.train.local_epochs * batches
+    assert (metrics["sample_rate"], metrics["steps"]) == (q, steps)
+    sigma = calibrate_noise_multiplier(
+        target_epsilon=cfg.privacy.target_epsilon, delta=cfg.privacy.delta, sample_rate=q,
+        steps=steps * cfg.train.rounds, accountant="rdp")
+    assert metrics["noise_multiplier"] == sigma
+    assert metrics["epsilon"] == epsilon(history=[(sigma, q, steps)], delta=cfg.privacy.delta,
+                                         accountant="rdp")
+
+
+@pytest.mark.parametrize("change", [
+    {"partitioner": "dirichlet"}, {"test_fraction": 0.3}, {"name": "breast-cancer"},
+])
+def test_data_keys_distinguish_configs_seeds_and_sizes(change):
+    # Prepare
+    cache = WorkerCache(max_pools=8)
+    base = DatasetConfig(name="digits")
+    other = DatasetConfig(**{"name": "digits", **change})
+    # Execute
+    got = {
+        "base": cache.client_partition(base, 1, 4, 0),
+        "other config": cache.client_partition(other, 1, 4, 0),
+        "other seed": cache.client_partition(base, 1, 4, 1),
+        "other size": cache.client_partition(base, 1, 5, 0),
+        "base again": cache.client_partition(base, 1, 4, 0),
+    }
+    # Assert: each equals the uncached function called directly
+    expected = {
+        "base": client_partition(base, 1, 4, 0),
+        "other config": client_partition(other, 1, 4, 0),
+        "other seed": client_partition(base, 1, 4, 1),
+        "other size": client_partition(base, 1, 5, 0),
+        "base again": client_partition(base, 1, 4, 0),
+    }
+    for name, (local, val) in got.items():
+        want_local, want_val = expected[name]
+        assert np.array_equal(local.x, want_local.x), name
+        assert np.array_equal(local.y, want_local.y) and np.array_equal(val.y, want_val.y), name
+    assert cache.stats()["data"].misses == 4 and cache.stats()["data"].hits == 1
+
+
+def test_the_validation_share_reuses_the_pool_but_splits_anew():
+    # Prepare
+    cache = WorkerCache(max_pools=1)
+    cfg, no_val = DatasetConfig(val_fraction=0.2), DatasetConfig(val_fraction=0.0)
+    # Execute
+    local, val = cache.client_partition(cfg, 2, 3, 0)
+    whole, none = cache.client_partition(no_val, 2, 3, 0)
+    # Assert
+    assert cache.stats()["data"].hits == 1
+    assert len(val) > 0 and len(none) == 0 and len(whole) == len(local) + len(val)
+    assert np.array_equal(val.y, client_partition(cfg, 2, 3, 0)[1].y)
+
+
+def test_sigma_keys_are_every_argument_of_the_calibration():
+    # Prepare
+    cache = WorkerCache()
+    # (q = 1 calibrates in milliseconds; q < 1 at a small rate stays under a second.)
+    base = {"target_epsilon": 3.0, "delta": 1e-5, "sample_rate": 1.0, "steps": 5,
+            "accountant": "rdp", "prior": ()}
+    variants = [{}, {"target_epsilon": 2.0}, {"delta": 1e-6}, {"sample_rate": 0.001},
+                {"steps": 6}, {"accountant": "prv"},
+                {"prior": (GaussianRelease(5.0, 1.0, 1, sampling="none"),)}]
+    # Execute / Assert: every variant is computed, and equals the direct calibration
+    for v in variants:
+        args = {**base, **v}
+        assert cache.noise_multiplier(**args) == calibrate_noise_multiplier(**args)
+    assert cache.stats()["sigma"].misses == len(variants)
+    assert cache.noise_multiplier(**base) == calibrate_noise_multiplier(**base)
+    assert cache.stats()["sigma"].hits == 1
+
+
+def test_every_memo_is_bounded():
+    # Prepare
+    cache = WorkerCache(max_pools=1, max_sigmas=2, max_epsilons=2)
+    # Execute
+    for seed in range(3):
+        cache.client_partition(DatasetConfig(), 0, 2, seed)
+    for steps in (10, 20, 30):
+        cache.noise_multiplier(target_epsilon=3.0, delta=1e-5, sample_rate=1.0, steps=steps,
+                               accountant="rdp")
+        cache.epsilon([(1.0, 1.0, steps)], 1e-5, "rdp")
+    # Assert
+    stats = cache.stats()
+    assert (stats["data"].size, stats["sigma"].size, stats["epsilon"].size) == (1, 2, 2)
+    assert stats["data"].misses == 3 and stats["sigma"].misses == 3
+    # The least recently used went first: steps=10 is computed again, steps=30 is not.
+    cache.noise_multiplier(target_epsilon=3.0, delta=1e-5, sample_rate=1.0, steps=30,
+                           accountant="rdp")
+    cache.noise_multiplier(target_epsilon=3.0, delta=1e-5, sample_rate=1.0, steps=10,
+                           accountant="rdp")
+    assert cache.stats()["sigma"].hits == 1 and cache.stats()["sigma"].misses == 4
+
+
+def test_disabled_keeps_nothing_and_clear_forgets():
+    # Prepare
+    off, on = WorkerCache.disabled(), WorkerCache()
+    # Execute
+    for cache in (off, on):
+        for _ in range(2):
+            cache.client_partition(DatasetConfig(), 0, 2, 0)
+            cache.epsilon([(1.0, 1.0, 10)], 1e-5, "rdp")
+    # Assert
+    assert all(s.size == 0 and s.hits == 0 for s in off.stats().values())
+    assert on.stats()["data"].hits == 1 and on.stats()["epsilon"].hits == 1
+    on.clear()
+    assert all(s.size == 0 and s.hits == s.misses == 0 for s in on.stats().values())
+
+
+def test_clients_cannot_edit_the_shared_pool():
+    # Prepare
+    cache = WorkerCache()
+    local, _ = cache.client_partition(DatasetConfig(), 0, 2, 0)
+    # Execute: a client's data is its own copy ...
+    local.x[:] = 0.0
+    again, _ = cache.client_partition(DatasetConfig(), 0, 2, 0)
+    # Assert: ... and the pool behind it is unchanged
+    assert np.array_equal(again.x, client_partition(DatasetConfig(), 0, 2, 0)[0].x)
+
+
+def test_the_process_cache_lives_until_replaced():
+    # Prepare
+    mine = WorkerCache()
+    # Execute / Assert
+    first = worker_cache()
+    assert worker_cache() is first
+    with use_worker_cache(mine):
+        assert worker_cache() is mine
+    assert worker_cache() is first
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_sizes_are_checked(bad):
+    with pytest.raises(ValueError, match="max_pools"):
+        WorkerCache(max_pools=bad)
+    with pytest.raises(ValueError, match="maxsize"):
+        EpsilonMemo(maxsize=bad)
+
+
+def test_epsilon_memo_answers_like_the_accountant():
+    # Prepare
+    memo = EpsilonMemo(maxsize=4)
+    history = [(1.1, 0.001, 100), GaussianRelease(2.0, 1.0, 1, sampling="none")]
+    # Execute
+    first, second = memo(history, 1e-5, "rdp"), memo(list(reversed(history)), 1e-5, "rdp")
+    # Assert
+    assert first == second == epsilon(history=history, delta=1e-5, accountant="rdp")
+    assert (memo.hits, memo.misses, len(memo)) == (1, 1, 1)

@@ -9,14 +9,14 @@ import resource
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from simulations.benchmarks.measure import machine_info
 from simulations.benchmarks.suites import SUITES, Suite
 
-__all__ = ["SECTIONS", "main", "run_suite"]
+__all__ = ["SECTIONS", "main", "run_suite", "with_sizes"]
 
 # The keys of results.json, in the order they run (cheap and in-process first).
 SECTIONS = ("dp_overhead", "profile", "simulation", "memory_growth", "accuracy_vs_epsilon")
@@ -98,6 +98,17 @@ def _write(out: Path, results: dict[str, Any], t0: float) -> None:
     write_report(results, out)
 
 
+def with_sizes(suite: Suite, sizes: tuple[int, ...]) -> Suite:
+    """``suite`` with its simulation section run at ``sizes`` clients only (the rest kept)."""
+    if not sizes or any(n < 1 for n in sizes):
+        raise ValueError(f"sizes={list(sizes)}: give one or more client counts >= 1")
+    if suite.simulation is None:
+        raise ValueError(f"suite {suite.name!r} has no simulation section")
+    sim = suite.simulation
+    return replace(suite, simulation=replace(
+        sim, sizes=sizes, what_if_sizes=tuple(n for n in sim.what_if_sizes if n in sizes)))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fedpriv bench",
@@ -108,12 +119,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="folder for results.*")
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help=f"comma-separated sections (default: all of {', '.join(SECTIONS)})")
+    parser.add_argument("--sizes", default=None,
+                        help="comma-separated client counts: the simulation section at these "
+                             "sizes only (e.g. 100), instead of the suite's")
     args = parser.parse_args(argv)
     only = tuple(s.strip() for s in args.only.split(",") if s.strip())
     unknown = [s for s in only if s not in SECTIONS]
     if unknown:
         parser.error(f"--only {','.join(unknown)}: unknown section; choose from {SECTIONS}")
-    results = run_suite(SUITES[args.suite], args.out, only)
+    suite = SUITES[args.suite]
+    if args.sizes is not None:
+        try:
+            suite = with_sizes(suite, tuple(int(s) for s in args.sizes.split(",") if s.strip()))
+        except ValueError as err:
+            parser.error(f"--sizes {args.sizes}: {err}")
+    results = run_suite(suite, args.out, only)
     print(f"fedpriv bench: {args.out / 'results.json'} and {args.out / 'results.md'} "
           f"({results['wall_s']} s)")
     return 1 if any(isinstance(results.get(s), dict) and "error" in results[s]

@@ -99,3 +99,21 @@ def test_cli_refuses_an_unknown_section(tmp_path, capsys):
         bench_main(["tiny", "--out", str(tmp_path), "--only", "speed"])
     assert ex.value.code == 2
     assert "unknown section" in capsys.readouterr().err
+
+
+def test_sizes_narrow_the_simulation_section_only():
+    from simulations.benchmarks.cli import with_sizes
+
+    full = SUITES["full"]
+    narrowed = with_sizes(full, (100,))
+    assert narrowed.simulation.sizes == (100,) and narrowed.simulation.what_if_sizes == (100,)
+    assert narrowed.simulation.dataset == full.simulation.dataset
+    assert narrowed.accuracy_vs_epsilon == full.accuracy_vs_epsilon
+    with pytest.raises(ValueError, match="sizes"):
+        with_sizes(full, (0,))
+
+
+def test_cli_refuses_bad_sizes(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench_main(["tiny", "--out", str(tmp_path), "--sizes", "ten"])
+    assert "--sizes" in capsys.readouterr().err

@@ -230,14 +230,15 @@ def _profile_section(r: dict[str, Any]) -> list[str]:
         return [f"Not run or failed: {_fmt(prof.get('error', 'not run'))[:400]}"]
     lines = [prof.get("method", ""), ""]
     lines += _table(["phase", "CPU s per call", "share"],
-                    [[p["phase"], p["cpu_s"], f"{100 * p['share']:.0f} %"]
+                    [[p["phase"], f"{p['cpu_s']:.3f}", f"{100 * p['share']:.0f} %"]
                      for p in prof["phases"]])
     whatif = prof.get("what_if") or []
     if whatif:
         lines += ["", "The same calls in another setting (fedpriv before the worker cache):",
                   ""]
         lines += _table(["setting", "CPU s per call", "÷ as is"],
-                        [[w["variant"], w["cpu_s"], w["speedup"]] for w in whatif])
+                        [[w["variant"], f"{w['cpu_s']:.3f}", w["speedup"]] for w in whatif])
+    lines += ["", f"As is: {prof.get('cpu_s_per_call', 0):.3f} CPU s per call."]
     return lines
 
 

@@ -70,7 +70,9 @@ for name in ("sklearn.datasets", "datasets", "flwr_datasets.partitioner", "torch
 
 
 def say(*words):
-    print(*words, flush=True)  # one short write(2) to the pipe: a line arrives whole or not
+    # One write(2) of the whole line: a line arrives whole or not. (print(*words) writes
+    # each word and separator apart when PYTHONUNBUFFERED=1, so a kill could tear it.)
+    os.write(1, (" ".join(map(str, words)) + "\\n").encode())
 
 
 def site(first_round):

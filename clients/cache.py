@@ -27,22 +27,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any
 
 import numpy as np
 
 from clients.config import DatasetConfig
 from clients.data import ArrayData, client_partition, partition_all, server_test_split
 from privacy import EpsilonMemo, GaussianRelease, calibrate_noise_multiplier
+from privacy.memo import Lru
 
 __all__ = ["CacheStats", "WorkerCache", "worker_cache", "use_worker_cache"]
-
-V = TypeVar("V")
-
 
 @dataclass(frozen=True)
 class CacheStats:
@@ -52,35 +49,6 @@ class CacheStats:
     misses: int
     size: int
     maxsize: int
-
-
-class _Lru(Generic[V]):
-    """At most ``maxsize`` results, the least recently used evicted first (0: keeps none)."""
-
-    def __init__(self, maxsize: int) -> None:
-        self.maxsize = maxsize
-        self._items: OrderedDict[Hashable, V] = OrderedDict()
-        self.hits = self.misses = 0
-
-    def get(self, key: Hashable, compute: Callable[[], V]) -> V:
-        if key in self._items:
-            self.hits += 1
-            self._items.move_to_end(key)
-            return self._items[key]
-        self.misses += 1
-        value = compute()
-        if self.maxsize > 0:
-            self._items[key] = value
-            while len(self._items) > self.maxsize:
-                self._items.popitem(last=False)
-        return value
-
-    def clear(self) -> None:
-        self._items.clear()
-        self.hits = self.misses = 0
-
-    def stats(self) -> CacheStats:
-        return CacheStats(self.hits, self.misses, len(self._items), self.maxsize)
 
 
 def _frozen(array: np.ndarray) -> np.ndarray:
@@ -107,8 +75,8 @@ class WorkerCache:
                             ("max_epsilons", max_epsilons)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}={value!r}: must be an integer >= 0")
-        self._pools: _Lru[tuple[ArrayData, list[np.ndarray]]] = _Lru(max_pools)
-        self._sigmas: _Lru[float] = _Lru(max_sigmas)
+        self._pools: Lru[tuple[ArrayData, list[np.ndarray]]] = Lru(max_pools)
+        self._sigmas: Lru[float] = Lru(max_sigmas)
         self.epsilon = EpsilonMemo(maxsize=max_epsilons)
 
     @classmethod
@@ -148,9 +116,10 @@ class WorkerCache:
 
     def stats(self) -> dict[str, CacheStats]:
         """Hits, misses and sizes of each memo."""
-        eps = self.epsilon
-        return {"data": self._pools.stats(), "sigma": self._sigmas.stats(),
-                "epsilon": CacheStats(eps.hits, eps.misses, len(eps), eps.maxsize or 0)}
+        def of(m: Lru[Any] | EpsilonMemo) -> CacheStats:
+            return CacheStats(m.hits, m.misses, len(m), m.maxsize or 0)
+
+        return {"data": of(self._pools), "sigma": of(self._sigmas), "epsilon": of(self.epsilon)}
 
     def clear(self) -> None:
         """Forget everything (and the counts)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from clients.config import PrivacyConfig
 from clients.noise import describe_noise_generator
 from clients.state import Site, site_history
-from privacy import EpsilonMemo, GaussianRelease, epsilon
+from privacy import EpsilonMemo, GaussianRelease
 from privacy.budget import BudgetCheck, check_budget, effective_cap
 from privacy.ledger import Charge, Ledger, LedgerRow
 
@@ -67,13 +67,10 @@ def charge(ledger: Ledger, *, site: Site, pc: PrivacyConfig, caps: Caps, run_id:
         return Refusal(check, caps.binding)
     same_level = run_releases(ledger, run_id, site.name, level)
     everything_is_this_level = lifetime == same_level
-    if everything_is_this_level:
-        eps_level = check.after
-    elif memo is not None:
-        eps_level = memo([*same_level, release], pc.delta, pc.accountant)
-    else:
-        eps_level = epsilon(history=[*same_level, release], delta=pc.delta,
-                            accountant=pc.accountant)
+    if memo is None:
+        memo = EpsilonMemo(maxsize=0)  # 0: computes every call
+    eps_level = check.after if everything_is_this_level else memo(
+        [*same_level, release], pc.delta, pc.accountant)
     return ledger.append(Charge(
         run_id=run_id, round=server_round, site=site.name, level=level,
         noise_multiplier=release.noise_multiplier, clipping_norm=clipping_norm,

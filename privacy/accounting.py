@@ -28,6 +28,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from privacy.memo import Lru
+
 __all__ = [
     "ACCOUNTANTS",
     "GaussianRelease",
@@ -311,20 +313,26 @@ class EpsilonMemo:
     """
 
     def __init__(self, maxsize: int | None = None) -> None:
-        if maxsize is not None and (isinstance(maxsize, bool) or not isinstance(maxsize, int)
-                                    or maxsize < 0):
-            raise ValueError(f"maxsize={maxsize!r}: must be None or an integer >= 0")
-        self.maxsize = maxsize
-        self._memo: dict[tuple[Any, ...], float] = {}
-        self.hits = self.misses = 0
+        self._lru: Lru[float] = Lru(maxsize)
+
+    @property
+    def maxsize(self) -> int | None:
+        return self._lru.maxsize
+
+    @property
+    def hits(self) -> int:
+        return self._lru.hits
+
+    @property
+    def misses(self) -> int:
+        return self._lru.misses
 
     def __len__(self) -> int:
-        return len(self._memo)
+        return len(self._lru)
 
     def clear(self) -> None:
         """Forget every result (and the counts)."""
-        self._memo.clear()
-        self.hits = self.misses = 0
+        self._lru.clear()
 
     def __call__(self, history: Iterable[GaussianRelease | Sequence[Any]], delta: float,
                  accountant: str) -> float:
@@ -338,17 +346,8 @@ class EpsilonMemo:
             k = (r.noise_multiplier, r.sample_rate, r.sampling, r.relation)
             steps[k] = steps.get(k, 0) + r.steps
         key = (delta, accountant, tuple(sorted((*k, n) for k, n in steps.items())))
-        if key in self._memo:
-            self.hits += 1
-            self._memo[key] = self._memo.pop(key)  # now the most recently used
-            return self._memo[key]
-        self.misses += 1
-        value = epsilon(history=releases, delta=delta, accountant=accountant)
-        if self.maxsize is None or self.maxsize > 0:
-            self._memo[key] = value
-            if self.maxsize is not None and len(self._memo) > self.maxsize:
-                del self._memo[next(iter(self._memo))]
-        return value
+        return self._lru.get(key, lambda: epsilon(history=releases, delta=delta,
+                                                  accountant=accountant))
 
     def all(self, history: Iterable[GaussianRelease | Sequence[Any]],
             delta: float) -> dict[str, float | None]:

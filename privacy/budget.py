@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from privacy.accounting import EpsilonMemo, GaussianRelease, epsilon
+from privacy.accounting import EpsilonMemo, GaussianRelease
 
 __all__ = ["BudgetCheck", "check_budget", "effective_cap"]
 
@@ -65,14 +65,9 @@ def check_budget(
     the answer is the same with or without it).
     """
     spent, planned = list(spent), list(planned)
-
-    def eps(history: list[GaussianRelease | Sequence[float]]) -> float:
-        if memo is not None:
-            return memo(history, delta, accountant)
-        return epsilon(history=history, delta=delta, accountant=accountant)
-
-    after = eps(spent + planned)
+    eps = memo if memo is not None else EpsilonMemo(maxsize=0)  # 0: computes every call
+    after = eps(spent + planned, delta, accountant)
     if cap is None or after <= cap:
         return BudgetCheck(allowed=True, after=after, cap=cap)
-    before = eps(spent)
+    before = eps(spent, delta, accountant)
     return BudgetCheck(allowed=False, after=after, cap=cap, spent=before)

@@ -60,6 +60,8 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 from flwr.serverapp.strategy.dp_fixed_clipping import validate_replies
 from flwr.supercore.differential_privacy import compute_stdv
 
+from strategies.utils import ForwardsSampling
+
 __all__ = ["CANARY_BLOCK", "UNIT_WEIGHT", "ClientLevelDP", "ClientRelease", "NoiseFn",
            "clip_update"]
 
@@ -93,7 +95,7 @@ class ClientRelease:
     noise_std: float  # of the released mean: σC/m
 
 
-class ClientLevelDP(DifferentialPrivacyServerSideFixedClipping):
+class ClientLevelDP(ForwardsSampling, DifferentialPrivacyServerSideFixedClipping):
     """Wrap FedAvg or FedProx with server-side clipping and Gaussian noise.
 
     Parameters
@@ -131,14 +133,6 @@ class ClientLevelDP(DifferentialPrivacyServerSideFixedClipping):
         self.canary_releases: list[tuple[int, np.ndarray]] = []
         self._round = 0
         self._replied = 0
-
-    @property
-    def min_available_nodes(self) -> int:
-        return int(self.strategy.min_available_nodes)  # type: ignore[attr-defined]
-
-    @min_available_nodes.setter
-    def min_available_nodes(self, value: int) -> None:
-        self.strategy.min_available_nodes = value  # type: ignore[attr-defined]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

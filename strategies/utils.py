@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-__all__ = ["Sampling", "StrategyWrapper", "flower_sampling"]
+__all__ = ["ForwardsSampling", "Sampling", "StrategyWrapper", "flower_sampling"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,23 @@ def flower_sampling(s: Sampling) -> dict[str, Any]:
     }
 
 
-class StrategyWrapper(Strategy):
+class ForwardsSampling:
+    """Mixin for a strategy that wraps ``strategy``: ``min_available_nodes`` is read and
+    written through to it, so that an outer wrapper (budget-aware selection) can lower
+    it whatever sits in between."""
+
+    strategy: Strategy
+
+    @property
+    def min_available_nodes(self) -> int:
+        return int(self.strategy.min_available_nodes)  # type: ignore[attr-defined]
+
+    @min_available_nodes.setter
+    def min_available_nodes(self, value: int) -> None:
+        self.strategy.min_available_nodes = value  # type: ignore[attr-defined]
+
+
+class StrategyWrapper(ForwardsSampling, Strategy):
     """A wrapper in Flower's style: it holds ``strategy`` and forwards what it leaves alone.
 
     Sampling settings (``min_available_nodes``) are read and written through to
@@ -69,14 +85,6 @@ class StrategyWrapper(Strategy):
 
     def __init__(self, strategy: Strategy) -> None:
         self.strategy = strategy
-
-    @property
-    def min_available_nodes(self) -> int:
-        return int(self.strategy.min_available_nodes)  # type: ignore[attr-defined]
-
-    @min_available_nodes.setter
-    def min_available_nodes(self, value: int) -> None:
-        self.strategy.min_available_nodes = value  # type: ignore[attr-defined]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:

@@ -96,10 +96,13 @@ def _load(task: ClientTask, site: Site, context: Context, config: ConfigRecord,
     stats = None
     if STATS_MEAN_KEY in config:
         stats = (numbers(config, STATS_MEAN_KEY), numbers(config, STATS_STD_KEY))
-    data = load_site_data(task.dataset, node_config=context.node_config,
-                          partition_id=site.partition_id, num_partitions=site.num_partitions,
-                          seed=task.train.seed, state_dir=site.state_dir, stats=stats,
-                          partition=cache.client_partition)
+    data = cache.site_data(
+        task.dataset, partition_id=site.partition_id, num_partitions=site.num_partitions,
+        seed=task.train.seed, stats=stats, state_dir=site.state_dir,
+        load=lambda: load_site_data(
+            task.dataset, node_config=context.node_config, partition_id=site.partition_id,
+            num_partitions=site.num_partitions, seed=task.train.seed, state_dir=site.state_dir,
+            stats=stats, partition=cache.client_partition))
     return data, pick_device(site.device)
 
 

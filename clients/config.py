@@ -167,6 +167,7 @@ class ModelConfig:
     dim: int = 32
     heads: int = 2
     layers: int = 1
+    norm_groups: int = 0
 
     def __post_init__(self) -> None:
         from clients.models import MODELS  # the registry is the list of valid names
@@ -176,6 +177,8 @@ class ModelConfig:
         for key in ("hidden", "channels", "groups", "dim", "heads", "layers"):
             value = getattr(self, key)
             require(value >= 1, f"model.{key}", value, "must be >= 1")
+        require(self.norm_groups >= 0, "model.norm_groups", self.norm_groups,
+                "must be >= 0 (0: no normalisation)")
         require(self.channels % self.groups == 0, "model.groups", self.groups,
                  f"must divide model.channels={self.channels}")
         require(self.dim % self.heads == 0, "model.heads", self.heads,

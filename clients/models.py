@@ -43,6 +43,31 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+class Linear(nn.Module):
+    """Multinomial logistic regression on any input, flattened.
+
+    With ``norm_groups`` > 0 the input must be ``(C, H, W)`` and is first
+    standardised per sample over groups of channels (``GroupNorm`` without
+    learnt parameters: it mixes no records). Over scattering features
+    (``dataset.preprocess: [{name: scatter}]``) this is Tramèr & Boneh's
+    ScatterNet + linear model (ICLR 2021), with their 27 groups for 81 channels.
+    """
+
+    def __init__(self, shape: Shape, num_classes: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        if cfg.norm_groups:
+            c, _, _ = _image_shape(shape, "linear with norm_groups")
+            if c % cfg.norm_groups:
+                raise ConfigError(f"model.norm_groups={cfg.norm_groups}: must divide the "
+                                  f"input's {c} channels")
+            layers.append(nn.GroupNorm(cfg.norm_groups, c, affine=False))
+        self.net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(math.prod(shape), num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 class CNN(nn.Module):
     def __init__(self, shape: Shape, num_classes: int, cfg: ModelConfig) -> None:
         super().__init__()
@@ -109,6 +134,7 @@ class Transformer(nn.Module):
 
 MODELS: dict[str, Callable[[Shape, int, ModelConfig], nn.Module]] = {
     "mlp": MLP,
+    "linear": Linear,
     "cnn": CNN,
     "transformer": Transformer,
 }

@@ -157,36 +157,46 @@ def server_test_data(cfg: DatasetConfig, seed: int,
     """The server's held-out data for central evaluation (``None``: there is none).
 
     Bundled data: the seeded, stratified split no client sees. Site files: the
-    optional ``dataset.test_path``, cleaned and normalised like the sites' data
-    (with the federated statistics when those are used), never augmented.
+    optional ``dataset.test_path``. Either is cleaned, normalised (with the
+    federated statistics when those are used) and turned into scattering
+    features like the sites' data, never augmented.
     """
     from clients.data import server_test_split
     from clients.loaders import load_site
 
     if not cfg.is_files:
-        return server_test_split(cfg, seed)[1]
-    if not cfg.test_path:
+        test = server_test_split(cfg, seed)[1]
+        x, y, labels = test.x.astype(np.float64), test.y, test.y
+        kind = "image" if test.x.ndim == 4 else "tabular"
+        num_classes = test.num_classes
+    elif not cfg.test_path:
         return None
-    schema = task_schema(cfg)
-    raw = load_site(Path(cfg.test_path).expanduser(), cfg.name, schema)
-    steps = [s for s in cfg.preprocess if s.get("name") in ("clean", "normalize")]
+    else:
+        schema = task_schema(cfg)
+        raw = load_site(Path(cfg.test_path).expanduser(), cfg.name, schema)
+        x, y, labels = raw.x, schema.label_index(raw.labels), raw.labels
+        kind, num_classes = schema.kind, schema.num_classes
+    steps = [s for s in cfg.preprocess if s.get("name") in ("clean", "normalize", "scatter")]
+    if not cfg.is_files and not steps:
+        return test  # the plain split, as the clients' plain partitions
     pipeline = build_pipeline([*steps, {"name": "split", "val_fraction": 0.0}])
     if pipeline.needs_statistics:
         if stats is None:
-            raise ConfigError("dataset.test_path: normalize mode=federated needs the "
+            raise ConfigError("the server's test data: normalize mode=federated needs the "
                               "statistics round's result first")
         pipeline = pipeline.with_statistics(np.asarray(stats[0]), np.asarray(stats[1]))
-    result = pipeline.run(raw.x, schema.label_index(raw.labels), kind=schema.kind,
-                          num_classes=schema.num_classes, seed=seed, raw_labels=raw.labels)
+    result = pipeline.run(x, y, kind=kind, num_classes=num_classes, seed=seed,
+                          raw_labels=labels)
     return result.train
 
 
 def input_shape_of(cfg: DatasetConfig) -> tuple[tuple[int, ...], int]:
-    """``(model input shape, number of classes)`` of the task."""
+    """``(model input shape, number of classes)`` of the task, after ``dataset.preprocess``."""
+    pipeline = build_pipeline(list(cfg.preprocess))
     if cfg.is_files:
         schema = task_schema(cfg)
-        return schema.sample_shape, schema.num_classes
+        return pipeline.output_shape(schema.sample_shape), schema.num_classes
     from clients.data import load_bundled
 
     data = load_bundled(cfg.name)
-    return tuple(int(d) for d in data.x.shape[1:]), data.num_classes
+    return pipeline.output_shape(tuple(int(d) for d in data.x.shape[1:])), data.num_classes

@@ -234,6 +234,7 @@ def _inferred_schema(ds: Mapping[str, Any], first: str) -> dict[str, Any]:
 def _check_models(cfg: RunConfig) -> None:
     """The model must exist and pass Opacus' ModuleValidator before round 1."""
     from clients.models import build_model, check_dp_compatible
+    from clients.preprocess import PreprocessError
     from clients.sitedata import input_shape_of, task_schema
 
     if cfg.dataset.is_files:
@@ -241,6 +242,9 @@ def _check_models(cfg: RunConfig) -> None:
             task_schema(cfg.dataset)
         except ValueError as ex:
             raise ConfigError(f"dataset schema: {ex}") from ex
-    shape, num_classes = input_shape_of(cfg.dataset)
+    try:
+        shape, num_classes = input_shape_of(cfg.dataset)
+    except PreprocessError as ex:
+        raise ConfigError(f"dataset.preprocess: {ex}") from ex
     model = build_model(cfg.model, shape, num_classes)
     check_dp_compatible(model, cfg.model.name)

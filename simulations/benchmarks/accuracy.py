@@ -36,11 +36,20 @@ def _config(spec: AccuracySpec, epsilon: float) -> Any:
     return cfg
 
 
+def _pooled(cfg: Any) -> tuple[Any, Any]:
+    """One client's training split of the pooled data and the server's test split,
+    both through ``dataset.preprocess`` as in a federated run."""
+    from clients.sitedata import load_site_data, server_test_data
+
+    site = load_site_data(cfg.dataset, node_config={}, partition_id=0, num_partitions=1,
+                          seed=cfg.train.seed)
+    return site.train, server_test_data(cfg.dataset, cfg.train.seed)
+
+
 def _central_dp(spec: AccuracySpec, epsilon: float) -> dict[str, Any]:
     import torch
 
     from clients.app import derive_seed
-    from clients.data import client_partition, server_test_split
     from clients.models import build_model
     from clients.train import dp_train_round, predict
     from privacy import calibrate_noise_multiplier, planned_poisson_schedule
@@ -49,8 +58,7 @@ def _central_dp(spec: AccuracySpec, epsilon: float) -> dict[str, Any]:
 
     cfg = _config(spec, epsilon)
     seed, pc = cfg.train.seed, cfg.privacy
-    train, _ = client_partition(cfg.dataset, 0, 1, seed)  # one client: the pooled data
-    _, test = server_test_split(cfg.dataset, seed)
+    train, test = _pooled(cfg)
     q, _, total = planned_poisson_schedule(num_samples=len(train), batch_size=spec.batch_size,
                                            local_epochs=1, rounds=spec.epochs)
     sigma = calibrate_noise_multiplier(target_epsilon=epsilon, delta=spec.delta, sample_rate=q,
@@ -82,14 +90,12 @@ def _nonprivate(spec: AccuracySpec) -> dict[str, Any]:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from clients.data import client_partition, server_test_split
     from clients.models import build_model
     from clients.train import predict
 
     cfg = _config(spec, 3.0)
     seed = cfg.train.seed
-    train, _ = client_partition(cfg.dataset, 0, 1, seed)
-    _, test = server_test_split(cfg.dataset, seed)
+    train, test = _pooled(cfg)
     model = build_model(cfg.model, tuple(train.x.shape[1:]), train.num_classes, seed=seed)
     loader = DataLoader(TensorDataset(torch.from_numpy(train.x), torch.from_numpy(train.y)),
                         batch_size=spec.batch_size, shuffle=True,

@@ -41,7 +41,7 @@ PARTITIONERS = ("iid", "dirichlet", "pathological", "shard")
 LR_SCHEDULES = ("constant", "step", "cosine")
 ACCOUNTANTS = ("rdp", "prv")
 NOISE_GENERATORS = ("torch", "secure")
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ghost")
 PRIVACY_LEVELS = ("sample", "client", "local")
 ATTACKS = ("none", "sign_flip", "scale", "gaussian", "nan", "label_flip")
 AUDITS = ("none", "sample", "client")
@@ -251,7 +251,7 @@ class PrivacyConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: str = "prv"
-    grad_sample_mode: str = "hooks"
+    grad_sample_mode: str = "auto"
     site_epsilon_cap: Any = None
     epsilon_cap: float | None = None
     noise_generator: str = "torch"

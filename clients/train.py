@@ -24,8 +24,8 @@ from clients.data import ArrayData
 from clients.preprocess import Augment
 from privacy import Release
 
-__all__ = ["RoundResult", "add_proximal_term", "dp_train_round", "plain_train_round", "predict",
-           "pick_device"]
+__all__ = ["RoundResult", "add_proximal_term", "dp_train_round", "grad_sample_mode_for",
+           "plain_train_round", "predict", "pick_device"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,27 @@ def add_proximal_term(optimizer: torch.optim.Optimizer, anchors: list[torch.Tens
     optimizer.register_step_pre_hook(hook)
 
 
+def grad_sample_mode_for(model: nn.Module, mode: str, *, canaries: bool = False) -> str:
+    """The Opacus ``grad_sample_mode`` that trains ``model`` for ``privacy.grad_sample_mode``.
+
+    ``auto`` picks ghost clipping (Li et al. 2022; Opacus' ``ghost``) when every
+    trainable weight sits in an ``nn.Linear`` layer: there it needs no
+    per-sample gradients and measured 2-3x faster than per-sample hooks
+    (``docs/benchmarks.md``). Convolutions, embeddings and norms with weights
+    measured faster with hooks, so they get hooks, as does a run with canaries
+    (``audit=sample``: their grad sampler is registered for hooks). Both modes
+    clip every record's whole gradient to the same norm and draw the same noise,
+    so the choice changes the speed, not the result or the accounting.
+    """
+    if mode != "auto":
+        return mode
+    if canaries:
+        return "hooks"
+    owners = [m for m in model.modules()
+              if any(p.requires_grad for p in m.parameters(recurse=False))]
+    return "ghost" if owners and all(isinstance(m, nn.Linear) for m in owners) else "hooks"
+
+
 def _make_private(model: nn.Module, data: ArrayData, task: ClientTask, *, lr: float,
                   noise_multiplier: float, history: list[Release], seed: int,
                   augment: Augment | None = None, proximal_mu: float = 0.0,
@@ -111,12 +132,13 @@ def _make_private(model: nn.Module, data: ArrayData, task: ClientTask, *, lr: fl
     warnings.filterwarnings("ignore", message="Secure RNG turned off")
     engine = PrivacyEngine(accountant=pcfg.accountant)
     engine.accountant.history = list(history)
+    mode = grad_sample_mode_for(model, pcfg.grad_sample_mode, canaries=canaries is not None)
     private = engine.make_private(
         module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
         noise_multiplier=noise_multiplier, max_grad_norm=pcfg.max_grad_norm,
-        poisson_sampling=True, grad_sample_mode=pcfg.grad_sample_mode,
+        poisson_sampling=True, grad_sample_mode=mode,
     )
-    if pcfg.grad_sample_mode == "ghost":
+    if mode == "ghost":
         dp_model, dp_opt, dp_crit, dp_loader = private
     else:
         (dp_model, dp_opt, dp_loader), dp_crit = private, criterion

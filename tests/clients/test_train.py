@@ -8,7 +8,7 @@ from torch import nn
 from clients.config import ClientTask, ModelConfig, PrivacyConfig, TrainConfig
 from clients.data import ArrayData
 from clients.models import build_model
-from clients.train import dp_train_round
+from clients.train import dp_train_round, grad_sample_mode_for
 from privacy import compress, epsilon, planned_poisson_schedule
 
 CPU = torch.device("cpu")
@@ -114,3 +114,41 @@ def test_other_grad_sample_modes_run(mode):
     res = dp_train_round(model, data, task, lr=0.1, noise_multiplier=1.0, history=[], seed=0,
                          device=CPU)
     assert res.steps == 5 and np.isfinite(res.train_loss)
+
+
+@pytest.mark.parametrize("cfg, expected", [
+    (ModelConfig(name="mlp"), "ghost"),
+    (ModelConfig(name="linear"), "ghost"),
+    (ModelConfig(name="linear", norm_groups=1), "ghost"),  # GroupNorm without weights
+    (ModelConfig(name="cnn"), "hooks"),
+    (ModelConfig(name="transformer"), "hooks"),
+])
+def test_auto_picks_ghost_clipping_only_where_every_weight_is_linear(cfg, expected):
+    model = build_model(cfg, (1, 8, 8), 10)
+    assert grad_sample_mode_for(model, "auto") == expected
+    assert grad_sample_mode_for(model, "auto", canaries=True) == "hooks"
+    for mode in ("hooks", "ghost", "functorch"):
+        assert grad_sample_mode_for(model, mode) == mode
+
+
+@pytest.mark.parametrize("batch_size", [1, 8])  # 1: most Poisson batches are empty
+def test_auto_ghost_clipping_trains_the_weights_hooks_train(batch_size):
+    # Ghost clipping clips every record's gradient to the same norm as the hooks do,
+    # and the noise comes from the same generator in the same order: the weights
+    # agree to float rounding.
+    data = _data()
+    trained = {}
+    for mode in ("hooks", "auto"):
+        task = ClientTask(model=ModelConfig(name="mlp", hidden=16),
+                          train=TrainConfig(batch_size=batch_size, local_epochs=2),
+                          privacy=PrivacyConfig(grad_sample_mode=mode))
+        model = build_model(task.model, (1, 8, 8), 10, seed=0)
+        res = dp_train_round(model, data, task, lr=0.5, noise_multiplier=1.0, history=[],
+                             seed=3, device=CPU)
+        trained[mode] = (model.state_dict(), res.history)
+    (hooks, h_hist), (auto, a_hist) = trained["hooks"], trained["auto"]
+    assert h_hist == a_hist
+    for key in hooks:
+        assert not torch.equal(hooks[key], build_model(
+            ModelConfig(name="mlp", hidden=16), (1, 8, 8), 10, seed=0).state_dict()[key])
+        torch.testing.assert_close(auto[key], hooks[key], rtol=1e-4, atol=1e-5)

@@ -32,6 +32,11 @@ def test_sample_audit_needs_hooks_and_fails_before_anything_starts(mode):
     assert "audit=sample needs 'hooks'" in str(info.value)
 
 
+def test_sample_audit_accepts_the_default_auto_mode():
+    cfg, _ = compose_config(["audit=sample"])
+    assert cfg.privacy.grad_sample_mode == "auto"  # the default is accepted
+
+
 @pytest.mark.parametrize("override,needle", [
     ("audit.num_canaries=50", "audit.num_canaries=50: too few for the guessing rules"),
     ("audit.significance=1.5", "audit.significance=1.5: must be in (0, 1)"),

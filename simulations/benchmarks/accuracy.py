@@ -46,7 +46,7 @@ def _pooled(cfg: Any) -> tuple[Any, Any]:
     return site.train, server_test_data(cfg.dataset, cfg.train.seed)
 
 
-def _central_dp(spec: AccuracySpec, epsilon: float) -> dict[str, Any]:
+def _central_dp(spec: AccuracySpec, epsilon: float, pooled: Any) -> dict[str, Any]:
     import torch
 
     from clients.app import derive_seed
@@ -58,7 +58,7 @@ def _central_dp(spec: AccuracySpec, epsilon: float) -> dict[str, Any]:
 
     cfg = _config(spec, epsilon)
     seed, pc = cfg.train.seed, cfg.privacy
-    train, test = _pooled(cfg)
+    train, test = pooled
     q, _, total = planned_poisson_schedule(num_samples=len(train), batch_size=spec.batch_size,
                                            local_epochs=1, rounds=spec.epochs)
     sigma = calibrate_noise_multiplier(target_epsilon=epsilon, delta=spec.delta, sample_rate=q,
@@ -86,7 +86,7 @@ def _central_dp(spec: AccuracySpec, epsilon: float) -> dict[str, Any]:
                                           accountant=pc.accountant)}
 
 
-def _nonprivate(spec: AccuracySpec) -> dict[str, Any]:
+def _nonprivate(spec: AccuracySpec, pooled: Any) -> dict[str, Any]:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -95,7 +95,7 @@ def _nonprivate(spec: AccuracySpec) -> dict[str, Any]:
 
     cfg = _config(spec, 3.0)
     seed = cfg.train.seed
-    train, test = _pooled(cfg)
+    train, test = pooled
     model = build_model(cfg.model, tuple(train.x.shape[1:]), train.num_classes, seed=seed)
     loader = DataLoader(TensorDataset(torch.from_numpy(train.x), torch.from_numpy(train.y)),
                         batch_size=spec.batch_size, shuffle=True,
@@ -162,6 +162,15 @@ def run_accuracy(spec: AccuracySpec, work: Path) -> dict[str, Any]:
     }
     work.mkdir(parents=True, exist_ok=True)
 
+    prepared: list[Any] = []
+
+    def pooled() -> Any:
+        """The pooled data and the test split, prepared once (scattering features
+        take minutes for Fashion-MNIST) for every central and non-private run."""
+        if not prepared:
+            prepared.append(_pooled(_config(spec, 3.0)))
+        return prepared[0]
+
     def save() -> None:
         (work / "partial.json").write_text(json.dumps(result, indent=2) + "\n")
 
@@ -174,10 +183,10 @@ def run_accuracy(spec: AccuracySpec, work: Path) -> dict[str, Any]:
                     spec, partitioner, eps, work / f"{partitioner}-eps{eps:g}")
                 save()
         if eps in spec.epsilons:
-            result["central"][key] = _central_dp(spec, eps)
+            result["central"][key] = _central_dp(spec, eps, pooled())
             save()
         if result["nonprivate"] is None:
-            result["nonprivate"] = _nonprivate(spec)
+            result["nonprivate"] = _nonprivate(spec, pooled())
             save()
     result["central"] = dict(sorted(result["central"].items(), key=lambda kv: float(kv[0])))
     for partitioner, by_eps in result["federated"].items():

@@ -185,9 +185,11 @@ SUITES: dict[str, Suite] = {
                                  late=50, timeout_s=7200),
         # Scattering features + linear (Tramer & Boneh's ScatterNet + linear) with
         # fedpriv's defaults otherwise (batch 128, lr 1.5, clipping 1, EMA 0.8), untuned.
+        # Non-private SGD over these features needs a far smaller step than DP-SGD's
+        # clipped one: lr 0.002 reached 0.914 after 15 epochs, 0.05 only 0.866.
         accuracy_vs_epsilon=AccuracySpec(
             dataset="fashion-mnist-scatter", model="scatter-linear", epsilons=(1.0, 3.0, 8.0),
             federated_epsilons=(1.0, 3.0, 8.0), num_clients=10, rounds=15, local_epochs=1,
-            timeout_s=4 * 3600),
+            nonprivate_lr=0.002, timeout_s=4 * 3600),
     ),
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from simulations.benchmarks import SUITES
@@ -68,11 +69,17 @@ def test_profile_times_every_phase_with_and_without_the_worker_cache(profile):
 
 
 def test_central_and_nonprivate_accuracy_in_process():
-    from simulations.benchmarks.accuracy import _central_dp, _nonprivate
+    from clients.data import client_partition, server_test_split
+    from simulations.benchmarks.accuracy import _central_dp, _config, _nonprivate, _pooled
 
     spec = TINY.accuracy_vs_epsilon
-    central = _central_dp(spec, 3.0)
-    plain = _nonprivate(spec)
+    cfg = _config(spec, 3.0)
+    pooled = _pooled(cfg)
+    # Without preprocessing steps: one client's split of the whole pool, the server's split.
+    np.testing.assert_array_equal(pooled[0].x, client_partition(cfg.dataset, 0, 1, 0)[0].x)
+    np.testing.assert_array_equal(pooled[1].y, server_test_split(cfg.dataset, 0)[1].y)
+    central = _central_dp(spec, 3.0, pooled)
+    plain = _nonprivate(spec, pooled)
     assert 0.0 <= central["accuracy"] <= 1.0 and 0.0 <= plain["accuracy"] <= 1.0
     # σ was calibrated for the whole schedule: the ε spent stays within the target.
     assert 0 < central["epsilon"] <= 3.0

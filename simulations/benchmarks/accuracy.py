@@ -123,7 +123,7 @@ def _federated(spec: AccuracySpec, partitioner: str, epsilon: float,
         extra=(f"train.local_epochs={spec.local_epochs}", f"privacy.target_epsilon={epsilon}",
                f"privacy.delta={spec.delta}", f"dataset.partitioner={partitioner}",
                f"dataset.alpha={spec.alpha}", *spec.overrides)),
-        work / "fedpriv.out", spec.timeout_s, run_dir / "metrics.jsonl")
+        work / "fedpriv.out", spec.timeout_s, run_dir / "metrics.jsonl", fresh=run_dir)
     if run.returncode != 0:
         raise RuntimeError(f"fedpriv simulate failed ({run.returncode}); see {run.log}:\n"
                            + run.log.read_text()[-3000:])

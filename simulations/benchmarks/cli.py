@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import time
 import traceback
 from collections.abc import Callable
@@ -109,6 +110,10 @@ def with_sizes(suite: Suite, sizes: tuple[int, ...]) -> Suite:
         sim, sizes=sizes, what_if_sizes=tuple(n for n in sim.what_if_sizes if n in sizes)))
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fedpriv bench",
@@ -133,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
             suite = with_sizes(suite, tuple(int(s) for s in args.sizes.split(",") if s.strip()))
         except ValueError as err:
             parser.error(f"--sizes {args.sizes}: {err}")
+    # SIGTERM (kill, a CI's time-out) unwinds like Ctrl-C: each running simulation is
+    # killed with its Ray processes on the way out instead of living on unowned.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     results = run_suite(suite, args.out, only)
     print(f"fedpriv bench: {args.out / 'results.json'} and {args.out / 'results.md'} "
           f"({results['wall_s']} s)")

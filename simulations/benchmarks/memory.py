@@ -35,7 +35,7 @@ def run_memory_growth(spec: MemorySpec, work: Path) -> dict[str, Any]:
                         sampled=spec.num_clients, rounds=spec.late + 1, run_dir=run_dir,
                         federated_evaluation=True, round_timeout=spec.timeout_s,
                         extra=spec.overrides),
-        work / "fedpriv.out", spec.timeout_s, run_dir / "metrics.jsonl")
+        work / "fedpriv.out", spec.timeout_s, run_dir / "metrics.jsonl", fresh=run_dir)
     if run.returncode != 0:
         raise RuntimeError(f"fedpriv simulate failed ({run.returncode}); see {run.log}:\n"
                            + run.log.read_text()[-3000:])

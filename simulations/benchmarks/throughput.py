@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -57,22 +59,45 @@ def _rounds_done(metrics: Path) -> int:
 
 
 def run_monitored(cmd: list[str], log: Path, timeout_s: float,
-                  metrics: Path | None = None) -> MonitoredRun:
-    """Run ``cmd`` with its process tree sampled; ``metrics``: a file with one line per round."""
+                  metrics: Path | None = None, *, fresh: Path | None = None) -> MonitoredRun:
+    """Run ``cmd`` with its process tree sampled; ``metrics``: a file with one line per round.
+
+    ``fresh``: the run's directory, removed first. A run directory left by an
+    earlier run would lend it its sites' ledgers, and every ε would include the
+    earlier run's spending. The run is killed with its whole session (Ray's
+    processes too) on a timeout and whenever this function is left early (an
+    exception, Ctrl-C, or SIGTERM through ``fedpriv bench``'s handler), so no
+    run outlives the benchmark that started it.
+    """
     env = {**os.environ, "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "RAY_DEDUP_LOGS": "0"}
+    if fresh is not None:
+        shutil.rmtree(fresh, ignore_errors=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
-        progress = (lambda: _rounds_done(metrics)) if metrics is not None else (lambda: 0)
-        with TreeMonitor(proc.pid, progress) as monitor:
-            try:
-                code = proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)  # the session this run started: its Ray processes too
-                code = proc.wait()
+        try:
+            progress = (lambda: _rounds_done(metrics)) if metrics is not None else (lambda: 0)
+            with TreeMonitor(proc.pid, progress) as monitor:
+                try:
+                    code = proc.wait(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    _kill_session(proc)
+                    code = proc.wait()
+        finally:
+            if proc.poll() is None:
+                _kill_session(proc)
+                proc.wait()
     return MonitoredRun(code, time.perf_counter() - t0, monitor, log)
+
+
+def _kill_session(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the session ``proc`` leads: the run and its Ray processes."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def fedpriv_overrides(*, dataset: str, model: str, clients: int, sampled: int, rounds: int,
@@ -138,7 +163,8 @@ def _fedpriv(spec: ThroughputSpec, size: int, sampled: int, work: Path,
     cmd = ([sys.executable, "-m", "simulations.benchmarks.whatif", str(run_dir), *overrides]
            if without_cache else [sys.executable, "-m", "simulations.cli", "simulate",
                                *overrides, f"hydra.run.dir={run_dir}"])
-    run = run_monitored(cmd, work / "fedpriv.out", spec.timeout_s, run_dir / "metrics.jsonl")
+    run = run_monitored(cmd, work / "fedpriv.out", spec.timeout_s, run_dir / "metrics.jsonl",
+                        fresh=run_dir)
     if run.returncode != 0:
         raise RuntimeError(f"fedpriv simulation failed ({run.returncode}); see {run.log}:\n"
                            + run.log.read_text()[-3000:])

@@ -124,3 +124,56 @@ def test_cli_refuses_bad_sizes(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench_main(["tiny", "--out", str(tmp_path), "--sizes", "ten"])
     assert "--sizes" in capsys.readouterr().err
+
+
+def _gone(pid):
+    """True once ``pid`` has exited (a zombie left to a non-reaping PID 1 counts)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_a_run_starts_in_a_fresh_directory_and_dies_with_the_benchmark(tmp_path):
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from simulations.benchmarks.throughput import run_monitored
+
+    # A run directory left behind (e.g. by a killed benchmark) would lend its ledgers.
+    stale = tmp_path / "run"
+    (stale / "sites").mkdir(parents=True)
+    (stale / "ledger.sqlite").write_text("an earlier run's spending")
+    run = run_monitored([sys.executable, "-c", "pass"], tmp_path / "out.log", 60, fresh=stale)
+    assert run.returncode == 0 and not stale.exists()
+
+    # SIGTERM to the benchmark kills the simulation it started (its own session).
+    pid_file = tmp_path / "pid"
+    child = (f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+             "time.sleep(120)")
+    script = tmp_path / "bench.py"
+    script.write_text(
+        "import signal, sys\nfrom pathlib import Path\n"
+        "from simulations.benchmarks.cli import _exit_on_sigterm\n"
+        "from simulations.benchmarks.throughput import run_monitored\n"
+        "signal.signal(signal.SIGTERM, _exit_on_sigterm)\n"
+        f"run_monitored([sys.executable, '-c', {child!r}], "
+        f"Path({str(tmp_path / 'c.log')!r}), 300)\n")
+    bench = subprocess.Popen([sys.executable, str(script)],
+                             cwd=Path(__file__).resolve().parents[2])
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pid = int(pid_file.read_text())
+        bench.terminate()
+        assert bench.wait(timeout=30) == 128 + 15
+        deadline = time.monotonic() + 10
+        while not _gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _gone(pid)
+    finally:
+        bench.kill()
+        bench.wait()

@@ -73,7 +73,13 @@ def _rows(db: Path) -> list[dict[str, Any]]:
         return []
     with sqlite3.connect(db) as con:
         con.row_factory = sqlite3.Row
-        return [dict(r) for r in con.execute("select * from releases order by seq")]
+        try:
+            return [dict(r) for r in con.execute("select * from releases order by seq")]
+        except sqlite3.OperationalError as ex:
+            # Polled between the ledger file's creation and its schema's commit.
+            if "no such table" in str(ex):
+                return []
+            raise
 
 
 def _wait(what: str, ok, timeout: float, poll: float = 0.5):

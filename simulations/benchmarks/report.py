@@ -36,7 +36,7 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     dirichlet = _get(acc, "federated", "dirichlet", "3.0", "accuracy")
     gap = None if iid is None or dirichlet is None else round(100 * (iid - dirichlet), 2)
     largest = max(sim, key=int) if sim else None
-    size100 = "100" if "100" in sim else largest
+    size100 = "100" if "100" in sim or largest is None else largest  # the target's size
 
     def row(name: str, value: Any, target: str, ok: Callable[[float], bool], anchor: str = "",
             unit: str = "") -> dict[str, Any]:

@@ -105,6 +105,11 @@ def read_site_records(cfg: DatasetConfig, node_config: Mapping[str, Any],
     return raw.x, schema.label_index(raw.labels), raw.labels, raw.source, raw.rows_read
 
 
+def _bundled_kind(data: ArrayData) -> str:
+    """A bundled data set's kind for the pipeline: images are (N, C, H, W)."""
+    return "image" if data.x.ndim == 4 else "tabular"
+
+
 def _local_records(cfg: DatasetConfig, node_config: Mapping[str, Any], partition_id: int,
                    num_partitions: int, seed: int, partition: Partition = client_partition,
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str, int, str, int]:
@@ -114,9 +119,8 @@ def _local_records(cfg: DatasetConfig, node_config: Mapping[str, Any], partition
         schema = task_schema(cfg)
         return x, y, labels, source, rows, schema.kind, schema.num_classes
     local, _ = partition(replace(cfg, val_fraction=0.0), partition_id, num_partitions, seed)
-    kind = "image" if local.x.ndim == 4 else "tabular"
     return (local.x.astype(np.float64), local.y, local.y, f"bundled:{cfg.name}", len(local),
-            kind, local.num_classes)
+            _bundled_kind(local), local.num_classes)
 
 
 def cleaned_features(cfg: DatasetConfig, *, node_config: Mapping[str, Any], partition_id: int,
@@ -167,8 +171,7 @@ def server_test_data(cfg: DatasetConfig, seed: int,
     if not cfg.is_files:
         test = server_test_split(cfg, seed)[1]
         x, y, labels = test.x.astype(np.float64), test.y, test.y
-        kind = "image" if test.x.ndim == 4 else "tabular"
-        num_classes = test.num_classes
+        kind, num_classes = _bundled_kind(test), test.num_classes
     elif not cfg.test_path:
         return None
     else:

@@ -105,7 +105,7 @@ def check_audit(task: ClientTask, num_clients: int) -> None:
     require(mode in ("hooks", "auto"), "privacy.grad_sample_mode", mode,
             "audit=sample needs 'hooks' (or 'auto', which then picks hooks): the canaries' "
             "per-sample gradients come from a grad sampler registered for Opacus' hooks mode "
-            "(ghost clipping and functorch bypass it)")
+            "(ghost clipping, functorch and ExpandedWeights bypass it)")
     require(a.num_canaries >= num_clients, "audit.num_canaries", a.num_canaries,
             f"fewer canaries than sites (num_clients={num_clients}); each needs one")
 

@@ -19,7 +19,8 @@ How the pieces meet Opacus (hooks mode, :class:`~opacus.GradSampleModule`):
   real model is zero and, once clipped to ``C <= magnitude``, it is ``C·e_j``.
 
 Importing this module registers the grad sampler. Only
-``grad_sample_mode="hooks"`` is supported (ghost clipping and functorch are not).
+``grad_sample_mode="hooks"`` is supported (ghost clipping, functorch and
+ExpandedWeights are not).
 """
 
 from __future__ import annotations

@@ -152,8 +152,8 @@ def use_noise_generator(optimizer: DPOptimizer, name: str) -> str:
     ----------
     optimizer : opacus.optimizers.DPOptimizer
         As returned by ``PrivacyEngine.make_private`` with flat clipping and
-        ``grad_sample_mode`` "hooks" (``DPOptimizer``) or "ghost"
-        (``DPOptimizerFastGradientClipping``). Changed in place.
+        ``grad_sample_mode`` "hooks", "functorch" or "ew" (``DPOptimizer``) or
+        "ghost" (``DPOptimizerFastGradientClipping``). Changed in place.
     name : {"torch", "secure"}
         ``"torch"``: Opacus' default, torch's generator (reproducible under a seed).
         ``"secure"``: ``secure_gaussian``, i.e. the OS CSPRNG with the

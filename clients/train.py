@@ -83,17 +83,33 @@ def add_proximal_term(optimizer: torch.optim.Optimizer, anchors: list[torch.Tens
     optimizer.register_step_pre_hook(hook)
 
 
+# Layers torch's ExpandedWeights (torch.nn.utils._expanded_weights) has per-sample
+# gradient rules for: the functional calls of their forward passes.
+EW_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.GroupNorm, nn.LayerNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+)
+
+
 def grad_sample_mode_for(model: nn.Module, mode: str, *, canaries: bool = False) -> str:
     """The Opacus ``grad_sample_mode`` that trains ``model`` for ``privacy.grad_sample_mode``.
 
-    ``auto`` picks ghost clipping (Li et al. 2022; Opacus' ``ghost``) when every
-    trainable weight sits in an ``nn.Linear`` layer: there it needs no
-    per-sample gradients and measured 2-3x faster than per-sample hooks
-    (``docs/benchmarks.md``). Convolutions, embeddings and norms with weights
-    measured faster with hooks, so they get hooks, as does a run with canaries
-    (``audit=sample``: their grad sampler is registered for hooks). Both modes
-    clip every record's whole gradient to the same norm and draw the same noise,
-    so the choice changes the speed, not the result or the accounting.
+    ``auto`` picks, by the layers that hold trainable weights:
+
+    * ghost clipping (Li et al. 2022; Opacus' ``ghost``) when every one is an
+      ``nn.Linear``: it needs no per-sample gradients and measured 2-4x faster
+      than per-sample hooks there (``docs/benchmarks.md``);
+    * otherwise torch's ExpandedWeights (Opacus' ``ew``) when every one is a
+      layer ExpandedWeights computes per-sample gradients for
+      (:data:`EW_LAYERS`: convolutions, embeddings, norms, linear): it
+      computes them in the backward pass itself, in place of the batch
+      gradient, and measured faster than hooks for the CNN and the transformer;
+    * per-sample hooks otherwise, and whenever canaries train with the model
+      (``audit=sample``: their grad sampler is registered for hooks).
+
+    Every mode clips every record's whole gradient to the same norm and draws
+    the same noise, so the choice changes the speed, not the result or the
+    accounting (the tests train the same weights in each).
     """
     if mode != "auto":
         return mode
@@ -101,14 +117,20 @@ def grad_sample_mode_for(model: nn.Module, mode: str, *, canaries: bool = False)
         return "hooks"
     owners = [m for m in model.modules()
               if any(p.requires_grad for p in m.parameters(recurse=False))]
-    return "ghost" if owners and all(isinstance(m, nn.Linear) for m in owners) else "hooks"
+    if not owners:
+        return "hooks"
+    if all(isinstance(m, nn.Linear) for m in owners):
+        return "ghost"
+    # Exact types: a subclass may change forward in a way ExpandedWeights does not see.
+    return "ew" if all(type(m) in EW_LAYERS for m in owners) else "hooks"
 
 
 def _make_private(model: nn.Module, data: ArrayData, task: ClientTask, *, lr: float,
                   noise_multiplier: float, history: list[Release], seed: int,
                   augment: Augment | None = None, proximal_mu: float = 0.0,
-                  canaries: np.ndarray | None = None) -> tuple:
-    """Opacus' engine with its accountant loaded with the whole history."""
+                  canaries: np.ndarray | None = None, mode: str) -> tuple:
+    """Opacus' engine, in Opacus ``grad_sample_mode`` ``mode``, its accountant loaded
+    with the whole history."""
     from opacus import PrivacyEngine
 
     pcfg, tcfg = task.privacy, task.train
@@ -132,7 +154,6 @@ def _make_private(model: nn.Module, data: ArrayData, task: ClientTask, *, lr: fl
     warnings.filterwarnings("ignore", message="Secure RNG turned off")
     engine = PrivacyEngine(accountant=pcfg.accountant)
     engine.accountant.history = list(history)
-    mode = grad_sample_mode_for(model, pcfg.grad_sample_mode, canaries=canaries is not None)
     private = engine.make_private(
         module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
         noise_multiplier=noise_multiplier, max_grad_norm=pcfg.max_grad_norm,
@@ -184,14 +205,23 @@ def dp_train_round(
     with warnings.catch_warnings():
         # Opacus' hooks fire on the first layer although the input needs no grad.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        mode = grad_sample_mode_for(trained, task.privacy.grad_sample_mode,
+                                    canaries=canaries is not None)
         engine, dp_model, dp_opt, dp_crit, dp_loader = _make_private(
             trained, data, task, lr=lr, noise_multiplier=noise_multiplier, history=history,
-            seed=seed, augment=augment, proximal_mu=proximal_mu, canaries=canaries)
+            seed=seed, augment=augment, proximal_mu=proximal_mu, canaries=canaries, mode=mode)
         generator = use_noise_generator(dp_opt, noise_generator)
         for _ in range(task.train.local_epochs):
             for *inputs, yb in dp_loader:  # (x, y), or (x, canary_ids, y) with canaries
                 inputs, yb = [t.to(device) for t in inputs], yb.to(device)
                 dp_opt.zero_grad(set_to_none=True)
+                if not len(yb) and mode == "ew":
+                    # ExpandedWeights refuses a batch of 0. No record, no gradient: the
+                    # step adds the noise alone, as the other modes' steps do.
+                    for p in dp_opt.params:
+                        p.grad_sample = p.new_zeros((0, *p.shape))
+                    dp_opt.step()
+                    continue
                 out = dp_model(*inputs)
                 # An empty Poisson batch still costs a step: noise only.
                 if canaries is not None:

@@ -20,7 +20,8 @@ class DpOverheadSpec:
     Attributes
     ----------
     models : labels from :data:`simulations.benchmarks.dp_overhead.MODEL_VARIANTS`.
-    modes : Opacus ``grad_sample_mode`` values compared with non-private training.
+    modes : Opacus ``grad_sample_mode`` values compared with non-private training:
+        per-sample hooks, ghost clipping, torch's ExpandedWeights.
     repeats : timed epochs per mode, interleaved (non-private, hooks, ghost, ...),
         after one untimed warm-up epoch each.
     max_examples : training examples used (``None``: the whole train pool).
@@ -29,7 +30,7 @@ class DpOverheadSpec:
 
     dataset: str = "mnist5k"
     models: tuple[str, ...] = ("mlp", "mlp-wide", "cnn", "transformer")
-    modes: tuple[str, ...] = ("hooks", "ghost")
+    modes: tuple[str, ...] = ("hooks", "ghost", "ew")
     batch_size: int = 128
     repeats: int = 3
     max_examples: int | None = 1024
@@ -138,7 +139,8 @@ SUITES: dict[str, Suite] = {
     "tiny": Suite(
         name="tiny",
         description="seconds; for the tests only (every key, no meaningful figure)",
-        dp_overhead=DpOverheadSpec(dataset="digits", models=("mlp",), modes=("hooks", "ghost"),
+        dp_overhead=DpOverheadSpec(dataset="digits", models=("mlp",),
+                                   modes=("hooks", "ghost", "ew"),
                                    batch_size=64, repeats=1, max_examples=256,
                                    memory_examples=256, timeout_s=300),
         # The RDP accountant calibrates in milliseconds (PRV: seconds): tests stay short.

@@ -95,8 +95,11 @@ def test_report_and_targets_from_in_process_sections(tmp_path, dp_overhead, prof
                     "## Simulation throughput", "## Memory growth", "## Accuracy against ε"):
         assert heading in text
     assert (tmp_path / "dp_overhead.png").stat().st_size > 0
+    params = dp_overhead["models"]["mlp"]["parameters"]
+    for mode in TINY.dp_overhead.modes:  # one row in the DP cost table per mode
+        assert f"| mlp | {params} | {mode} |" in text
     rows = {row["name"]: row for row in targets(results)}
-    assert len(rows) == 9
+    assert len(rows) == 10
     # Not measured in this run: reported as such, not as a pass or a failure.
     assert rows["memory_growth, round ? ÷ round ?"]["met"] is None
 

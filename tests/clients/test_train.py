@@ -104,7 +104,7 @@ def test_returned_weights_have_plain_keys():
     assert not any(k.startswith("_module.") for k in model.state_dict())
 
 
-@pytest.mark.parametrize("mode", ["functorch", "ghost"])
+@pytest.mark.parametrize("mode", ["functorch", "ghost", "ew"])
 def test_other_grad_sample_modes_run(mode):
     data = _data()
     task = ClientTask(model=ModelConfig(name="mlp", hidden=16),
@@ -120,35 +120,49 @@ def test_other_grad_sample_modes_run(mode):
     (ModelConfig(name="mlp"), "ghost"),
     (ModelConfig(name="linear"), "ghost"),
     (ModelConfig(name="linear", norm_groups=1), "ghost"),  # GroupNorm without weights
-    (ModelConfig(name="cnn"), "hooks"),
-    (ModelConfig(name="transformer"), "hooks"),
+    (ModelConfig(name="cnn"), "ew"),  # Conv2d, GroupNorm, Linear
+    (ModelConfig(name="transformer"), "ew"),  # Linear, Embedding, LayerNorm
 ])
-def test_auto_picks_ghost_clipping_only_where_every_weight_is_linear(cfg, expected):
+def test_auto_picks_ghost_clipping_for_linear_weights_and_expanded_weights_else(cfg, expected):
     model = build_model(cfg, (1, 8, 8), 10)
     assert grad_sample_mode_for(model, "auto") == expected
     assert grad_sample_mode_for(model, "auto", canaries=True) == "hooks"
-    for mode in ("hooks", "ghost", "functorch"):
+    for mode in ("hooks", "ghost", "functorch", "ew"):
         assert grad_sample_mode_for(model, mode) == mode
 
 
+def test_auto_picks_hooks_for_a_layer_expanded_weights_has_no_rule_for():
+    # PReLU's weight: neither all-Linear (ghost) nor an ExpandedWeights layer.
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.PReLU())
+    assert grad_sample_mode_for(model, "auto") == "hooks"
+
+    class MyConv(nn.Conv2d):  # a subclass may change forward: no ExpandedWeights
+        pass
+
+    assert grad_sample_mode_for(nn.Sequential(MyConv(1, 2, 3)), "auto") == "hooks"
+
+
+@pytest.mark.parametrize("name, picked", [("mlp", "ghost"), ("cnn", "ew"),
+                                           ("transformer", "ew")])
 @pytest.mark.parametrize("batch_size", [1, 8])  # 1: most Poisson batches are empty
-def test_auto_ghost_clipping_trains_the_weights_hooks_train(batch_size):
-    # Ghost clipping clips every record's gradient to the same norm as the hooks do,
-    # and the noise comes from the same generator in the same order: the weights
-    # agree to float rounding.
+def test_auto_trains_the_weights_hooks_train(name, picked, batch_size):
+    # Ghost clipping and ExpandedWeights clip every record's gradient to the same norm
+    # as the hooks do, and the noise comes from the same generator in the same order:
+    # the weights agree to float rounding, empty batches (noise alone) included.
     data = _data()
+    cfg = ModelConfig(name=name, hidden=16)
     trained = {}
     for mode in ("hooks", "auto"):
-        task = ClientTask(model=ModelConfig(name="mlp", hidden=16),
-                          train=TrainConfig(batch_size=batch_size, local_epochs=2),
+        task = ClientTask(model=cfg, train=TrainConfig(batch_size=batch_size, local_epochs=2),
                           privacy=PrivacyConfig(grad_sample_mode=mode))
         model = build_model(task.model, (1, 8, 8), 10, seed=0)
+        assert grad_sample_mode_for(model, mode) == ("hooks" if mode == "hooks" else picked)
         res = dp_train_round(model, data, task, lr=0.5, noise_multiplier=1.0, history=[],
                              seed=3, device=CPU)
         trained[mode] = (model.state_dict(), res.history)
     (hooks, h_hist), (auto, a_hist) = trained["hooks"], trained["auto"]
     assert h_hist == a_hist
+    initial = build_model(cfg, (1, 8, 8), 10, seed=0).state_dict()
     for key in hooks:
-        assert not torch.equal(hooks[key], build_model(
-            ModelConfig(name="mlp", hidden=16), (1, 8, 8), 10, seed=0).state_dict()[key])
-        torch.testing.assert_close(auto[key], hooks[key], rtol=1e-4, atol=1e-5)
+        assert not torch.equal(hooks[key], initial[key])
+        torch.testing.assert_close(auto[key], hooks[key], rtol=1e-4, atol=1e-4)

@@ -24,7 +24,7 @@ from server.ledger import ServerLedger
 from server.strategy import build_stack
 
 
-@pytest.mark.parametrize("mode", ["ghost", "functorch"])
+@pytest.mark.parametrize("mode", ["ghost", "functorch", "ew"])
 def test_sample_audit_needs_hooks_and_fails_before_anything_starts(mode):
     with pytest.raises(ConfigError) as info:
         compose_config(["audit=sample", f"privacy.grad_sample_mode={mode}"])

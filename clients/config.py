@@ -385,6 +385,15 @@ class ClientTask:
     audit: AuditConfig = field(default_factory=AuditConfig)
 
 
+# The task's field types, resolved at import (``from __future__ import annotations``
+# leaves them as strings): a client builds its task from every message it gets.
+_TASK_FIELD_TYPES: dict[type, dict[str, Any]] = {
+    cls: typing.get_type_hints(cls) for cls in (
+        DatasetConfig, ModelConfig, TrainConfig, PrivacyConfig, AdversaryConfig, AuditConfig,
+        ClientTask)
+}
+
+
 # --------------------------------------------------------------------------
 # Generic building and flattening of nested frozen dataclasses
 # --------------------------------------------------------------------------
@@ -431,7 +440,7 @@ def build(cls: type[T], data: Mapping[str, Any] | None, prefix: str = "") -> T:
     the dotted key.
     """
     data = dict(data or {})
-    hints = typing.get_type_hints(cls)
+    hints = _TASK_FIELD_TYPES.get(cls) or typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
     if unknown:

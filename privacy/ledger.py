@@ -295,19 +295,25 @@ class Ledger:
             )
         return LedgerRow(seq, created, prev, digest, charge)
 
-    def _raw(self) -> list[dict[str, Any]]:
-        cur = self._conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM releases ORDER BY seq")
+    def _raw(self, where: dict[str, Any] | None = None,
+             after_seq: int = 0) -> list[dict[str, Any]]:
+        # Column names come from CONTENT_FIELDS only (checked by the callers); values
+        # are bound parameters. SQLite compares as Python's != did: None matches NULL.
+        where = where or {}
+        conds = ["seq > ?", *(f"{k} IS ?" for k in where)]
+        cur = self._conn.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM releases WHERE {' AND '.join(conds)} "
+            "ORDER BY seq", (after_seq, *where.values()))
         return [dict(zip(_COLUMNS, r, strict=True)) for r in cur]
 
-    def rows(self, **where: Any) -> list[LedgerRow]:
-        """Stored rows in order, optionally filtered on content fields (``site="a"``)."""
+    def rows(self, *, after_seq: int = 0, **where: Any) -> list[LedgerRow]:
+        """Stored rows in order, optionally filtered on content fields (``site="a"``)
+        and to those after row ``after_seq``."""
         unknown = set(where) - set(CONTENT_FIELDS)
         if unknown:
             raise LedgerError(f"unknown ledger field(s) {sorted(unknown)}")
         out = []
-        for r in self._raw():
-            if any(r[k] != v for k, v in where.items()):
-                continue
+        for r in self._raw(where, after_seq):
             charge = Charge(**{n: r[n] for n in CONTENT_FIELDS})
             out.append(LedgerRow(r["seq"], r["created_at"], r["prev_hash"], r["hash"], charge))
         return out

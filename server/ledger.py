@@ -8,6 +8,7 @@ rows (the larger of that and what the site claimed is kept: over-count).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -81,13 +82,19 @@ class ServerLedger:
             kept.append(reply)
         return kept, rejected
 
-    def per_site(self, delta: float, accountant: str,
-                 level: str | None = "sample") -> dict[str, float]:
+    def per_site(self, delta: float, accountant: str, level: str | None = "sample",
+                 sites: Iterable[str] | None = None) -> dict[str, float]:
         """Each site's cumulative ε at ``level`` (``None``: all levels composed) in this
-        ledger: the larger of the recomputation and what the site claimed."""
+        ledger: the larger of the recomputation and what the site claimed.
+
+        ``sites``: only these (those without a row at ``level`` are left out);
+        ``None``: every site in the ledger.
+        """
         out: dict[str, float] = {}
         by_site: dict[str, list[Charge]] = {}
-        rows = self.ledger.rows(level=level) if level else self.ledger.rows()
+        where: dict[str, Any] = {"level": level} if level else {}
+        rows = (self.ledger.rows(**where) if sites is None else
+                [r for site in sorted(set(sites)) for r in self.ledger.rows(site=site, **where)])
         for row in rows:
             by_site.setdefault(row.charge.site, []).append(row.charge)
         for site, charges in sorted(by_site.items()):

@@ -95,6 +95,25 @@ def test_rows_round_trip_what_was_appended(tmp_path):
     assert [r.prev_hash for r in appended] == [GENESIS, appended[0].hash, appended[1].hash]
 
 
+def test_rows_filter_on_several_fields_and_after_a_row(tmp_path):
+    charges = [_charge(site="site-a", round=1), _charge(site="site-b", round=1),
+               _charge(site="site-a", round=2, level="client", sample_rate=1.0),
+               _charge(site="site-a", round=3), _charge(site="site-b", round=3,
+                                                        epsilon_reported=None)]
+    with Ledger.open(tmp_path / "ledger.sqlite") as ledger:
+        stored = [ledger.append(c) for c in charges]
+        a_sample = ledger.rows(site="site-a", level="sample")
+        after_two = ledger.rows(after_seq=2)
+        b_after_two = ledger.rows(after_seq=2, site="site-b")
+        none_reported = ledger.rows(epsilon_reported=None)
+        after_all = ledger.rows(after_seq=5)
+    assert a_sample == [stored[0], stored[3]]
+    assert after_two == stored[2:]
+    assert b_after_two == [stored[4]]
+    assert none_reported == [stored[4]]  # None matches a missing value, as == does
+    assert after_all == []
+
+
 def test_integer_reals_are_stored_as_floats(tmp_path):
     # Prepare: a real field given as an int must hash the same before and after storage.
     charge = _charge(clipping_norm=2, epsilon_cap=8)

@@ -96,3 +96,35 @@ def test_the_run_audits_clean_with_the_servers_own_client_level_rows(run):
     # The audit's own RDP recomputation of the client level matches the run's report.
     assert max(lv["client"]["rdp"] for lv in levels.values()) == pytest.approx(
         summary["epsilon_client_level"], rel=1e-6)
+
+
+def test_each_rounds_eps_max_is_every_sites_epsilon_so_far_recomputed(tmp_path):
+    # Half the sites train each round (seed 12: in round 3 the site with the most
+    # charges sits out): a round's eps_max must still cover the sites
+    # charged in earlier rounds only. Recomputed here with Opacus' RDP accountant from
+    # the server ledger's rows up to that round.
+    from opacus.accountants import RDPAccountant
+
+    path = tmp_path / "run"
+    cfg, resolved = compose_config(["train.rounds=3", "simulation.num_clients=4", "train.seed=12",
+                                    "strategy.fraction_train=0.5",
+                                    "strategy.min_train_clients=2",
+                                    "privacy.accountant=rdp", "output.progress=false"])
+    run_in_process(cfg, path, resolved)
+    rounds = [json.loads(ln) for ln in (path / "metrics.jsonl").read_text().splitlines()]
+    with Ledger.open(path / "ledger.sqlite", create=False) as ledger:
+        rows = [r.charge for r in ledger.rows(level="sample")]
+    assert len(rounds) == 3
+    assert len({c.site for c in rows}) > 2  # not the same two sites every round
+    lead_elsewhere = 0
+    for r in rounds:
+        per_site = {}
+        for site in {c.site for c in rows if c.round <= r["round"]}:
+            acc = RDPAccountant()
+            acc.history = [(c.noise_multiplier, c.sample_rate, c.steps) for c in rows
+                           if c.site == site and c.round <= r["round"]]
+            per_site[site] = acc.get_epsilon(cfg.privacy.delta)
+        assert r["epsilon_sample_level_max"] == pytest.approx(max(per_site.values()), rel=1e-6)
+        this_round = {c.site for c in rows if c.round == r["round"]}
+        lead_elsewhere += max(per_site.values()) > max(per_site[s] for s in this_round)
+    assert lead_elsewhere  # a round where the largest ε belongs to a site not in it

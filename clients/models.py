@@ -145,7 +145,9 @@ def build_model(cfg: ModelConfig, shape: Shape, num_classes: int, seed: int = 0)
     if cfg.name not in MODELS:
         raise ConfigError(f"model.name={cfg.name!r}: unknown model; choose one of {sorted(MODELS)}")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        # The CPU's generator only (the weights are made on the CPU), restored after:
+        # torch.manual_seed would reseed every device's, outside the fork.
+        torch.default_generator.manual_seed(seed)
         return MODELS[cfg.name](shape, num_classes, cfg)
 
 

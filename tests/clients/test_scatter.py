@@ -130,12 +130,12 @@ def test_the_worker_cache_prepares_bundled_site_data_once_per_key(tmp_path):
     assert len(calls) == 4  # another run directory, other statistics: computed anew
     plain = replace(cfg, preprocess=())
     get(cache, cfg=plain)
-    get(cache, cfg=plain)  # plain partitions are cut from the cached pool, not kept here
-    assert len(calls) == 6
+    kept = get(cache, cfg=plain)  # plain partitions too: their split is kept
+    assert len(calls) == 5 and not kept.train.x.flags.writeable  # shared: read-only
     off = WorkerCache.disabled()
     again = get(off)
     np.testing.assert_array_equal(again.train.x, first.train.x)
-    assert len(calls) == 7
+    assert len(calls) == 6
 
 
 @pytest.mark.parametrize("overrides, needle", [

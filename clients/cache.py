@@ -84,7 +84,7 @@ class WorkerCache:
         set (Fashion-MNIST: 150 MB), so keep this small.
     max_sites : bundled client data sets after preprocessing kept.
     max_site_bytes : their total size bound (Fashion-MNIST scattering features:
-        about 70 MB per client of ten; a digits client: 4 kB).
+        about 75 MB per client of ten; a digits client: 4 kB).
     max_sigmas : σ calibrations kept.
     max_epsilons : ε of histories kept.
 

@@ -298,7 +298,7 @@ class Ledger:
     def _raw(self, where: dict[str, Any] | None = None,
              after_seq: int = 0) -> list[dict[str, Any]]:
         # Column names come from CONTENT_FIELDS only (checked by the callers); values
-        # are bound parameters. SQLite compares as Python's != did: None matches NULL.
+        # are bound parameters, and ``IS`` matches None to NULL as Python's == does.
         where = where or {}
         conds = ["seq > ?", *(f"{k} IS ?" for k in where)]
         cur = self._conn.execute(

@@ -25,7 +25,7 @@ from clients.preprocess import Augment
 from privacy import Release
 
 __all__ = ["RoundResult", "add_proximal_term", "dp_train_round", "grad_sample_mode_for",
-           "plain_train_round", "predict", "pick_device", "seed_default_generator"]
+           "plain_train_round", "predict", "pick_device"]
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ EW_LAYERS: tuple[type[nn.Module], ...] = (
 )
 
 
-def seed_default_generator(seed: int, device: torch.device) -> None:
+def _seed_default_generator(seed: int, device: torch.device) -> None:
     """Seed torch's default generator for ``device``: the CPU's, or every device's.
 
     On the CPU only the CPU's: ``torch.manual_seed`` also queues a seed for each
@@ -220,7 +220,7 @@ def dp_train_round(
 
     if noise_generator == "secure":
         seed = int.from_bytes(os.urandom(8), "big") >> 1
-    seed_default_generator(seed, device)  # Opacus draws its noise from it
+    _seed_default_generator(seed, device)  # Opacus draws its noise from it
     trained = model if canaries is None else with_canaries(
         model, len(canaries), magnitude=task.privacy.max_grad_norm)
     trained.to(device).train()

@@ -10,9 +10,11 @@ back a sentence naming the generator, for the privacy ledger.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,28 +114,87 @@ def secure_gaussian(
     return torch.from_numpy(noise.reshape(tuple(size))).to(device=device, dtype=dtype)
 
 
-class _SecureNoise(DPOptimizer):
-    """Put first in the bases of an optimizer's class to give it secure noise.
+# Noise is drawn this many values at a time into a scratch buffer and added in place.
+# A multiple of 16: torch's CPU sampler fills normals in blocks of 16, so with no
+# piece shorter than 16 the pieces are, value for value, one draw of the whole tensor.
+_NOISE_PIECE = 1 << 14
 
-    Never built directly: ``use_noise_generator`` makes ``(_SecureNoise, cls)``
-    subclasses. ``add_noise`` is Opacus' own (``DPOptimizer`` /
-    ``DPOptimizerFastGradientClipping``, opacus 1.6) with ``_generate_noise``
-    replaced by ``secure_gaussian``. The noise multiplier is read, never written,
-    so the accountant's step hook still sees the configured value.
+
+def _add_in_pieces_(grad: torch.Tensor, draw: Callable[[torch.Tensor], None]) -> None:
+    """Add noise to ``grad`` in place; ``draw(piece)`` fills ``piece`` with noise.
+
+    At most :data:`_NOISE_PIECE` (+15) values of noise exist at once, whatever
+    the tensor's size.
     """
+    flat = grad.view(-1)  # contiguous: values in the order of one whole draw
+    n = flat.numel()
+    scratch = torch.empty(min(n, _NOISE_PIECE + 15), dtype=grad.dtype, device=grad.device)
+    start = 0
+    while start < n:
+        stop = min(start + _NOISE_PIECE, n)
+        if n - stop < 16:  # no last piece shorter than 16
+            stop = n
+        piece = scratch[: stop - start]
+        draw(piece)
+        flat[start:stop].add_(piece)
+        start = stop
+
+
+class _InPlaceNoise(DPOptimizer):
+    """Put first in the bases of an optimizer's class: its noise step works in place.
+
+    Opacus' step (``DPOptimizer`` / ``DPOptimizerFastGradientClipping``, opacus
+    1.6) holds three gradients' worth of memory at once: the clipped sum, a
+    full-size noise tensor (ghost clipping: a copy of the gradient and a tensor of
+    zeros too) and their sum. Here the noise is added to the clipped sum in place,
+    drawn in pieces of :data:`_NOISE_PIECE` values, and ghost clipping's sum is
+    the gradient its second backward pass wrote, not a copy of it. ``p.grad``
+    ends as the same value Opacus gives (on the CPU the same draws, value for
+    value), and ``p.summed_grad`` is now the same tensor as ``p.grad``.
+
+    Never built directly: :func:`use_noise_generator` makes ``(cls_, base)``
+    subclasses. The noise multiplier is read, never written, so the accountant's
+    step hook still sees the configured value.
+    """
+
+    def _draw(self, piece: torch.Tensor, std: float) -> None:
+        """Fill ``piece`` with N(0, std²) from the optimizer's torch generator."""
+        piece.normal_(0.0, std, generator=self.generator)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        # Ghost clipping calls this between its two backward passes: the first
+        # pass's gradients are dropped, not zeroed and added to, so the second
+        # pass's become p.grad with no second copy alive.
+        super().zero_grad(set_to_none)
+
+    def accumulate(self) -> None:  # ghost clipping's pre_step calls it
+        if any(p.summed_grad is not None for p in self.params):
+            super().accumulate()  # type: ignore[misc]  # Opacus' own adds to the sum
+            return
+        for p in self.params:  # nothing accumulated yet: the sum is the gradient
+            p.summed_grad = p.grad.data
 
     def add_noise(self) -> None:
         noise_multiplier = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
         std = noise_multiplier * self.max_grad_norm
         for p in self.params:
             _check_processed_flag(p.summed_grad)
-            ref = p.summed_grad
-            noise = secure_gaussian(ref.shape, std, device=ref.device, dtype=ref.dtype)
-            p.grad = (ref + noise).view_as(p)
+            if not p.summed_grad.is_contiguous():  # ExpandedWeights' sum may not be
+                p.summed_grad = p.summed_grad.contiguous()
+            if std > 0:
+                _add_in_pieces_(p.summed_grad, lambda piece: self._draw(piece, std))
+            p.grad = p.summed_grad.view_as(p)
             _mark_as_processed(p.summed_grad)
 
 
-# The only add_noise implementations _SecureNoise.add_noise reproduces. Other
+class _SecureNoise(_InPlaceNoise):
+    """:class:`_InPlaceNoise` drawing from :func:`secure_gaussian` (the OS CSPRNG)."""
+
+    def _draw(self, piece: torch.Tensor, std: float) -> None:
+        piece.copy_(secure_gaussian(piece.shape, std, device=piece.device, dtype=piece.dtype))
+
+
+# The only add_noise implementations _InPlaceNoise.add_noise reproduces. Other
 # Opacus optimizers (adaptive clipping, DDP, FSDP) add noise differently.
 _SUPPORTED_ADD_NOISE = (DPOptimizer.add_noise, DPOptimizerFastGradientClipping.add_noise)
 
@@ -157,8 +218,9 @@ def use_noise_generator(optimizer: DPOptimizer, name: str) -> str:
     name : {"torch", "secure"}
         ``"torch"``: Opacus' default, torch's generator (reproducible under a seed).
         ``"secure"``: ``secure_gaussian``, i.e. the OS CSPRNG with the
-        floating-point-attack defence; only this instance is affected, through a
-        subclass of its class created here. Its noise multiplier is left alone.
+        floating-point-attack defence. Either way the noise is added in place
+        (:class:`_InPlaceNoise`); only this instance is affected, through a
+        subclass of its class. Its noise multiplier is left alone.
 
     Returns
     -------
@@ -173,9 +235,9 @@ def use_noise_generator(optimizer: DPOptimizer, name: str) -> str:
     """
     if name not in NOISE_GENERATORS:
         raise ValueError(f"unknown noise generator {name!r}; choose one of {NOISE_GENERATORS}")
-    cls = type(optimizer)
-    if isinstance(optimizer, _SecureNoise):  # switched before: undo, then choose again
-        cls = next(b for b in cls.__bases__ if b is not _SecureNoise)
+    cls: Any = type(optimizer)
+    if isinstance(optimizer, _InPlaceNoise):  # switched before: undo, then choose again
+        cls = next(b for b in cls.__bases__ if not issubclass(b, _InPlaceNoise))
         optimizer.__class__ = cls
     if not isinstance(optimizer, DPOptimizer) or cls.add_noise not in _SUPPORTED_ADD_NOISE:
         raise ValueError(
@@ -183,7 +245,13 @@ def use_noise_generator(optimizer: DPOptimizer, name: str) -> str:
             "opacus DPOptimizer and DPOptimizerFastGradientClipping (flat clipping, not "
             "distributed)"
         )
-    if name == "torch":
-        return _TORCH_DESCRIPTION
-    optimizer.__class__ = type(f"SecureNoise{cls.__name__}", (_SecureNoise, cls), {})
-    return _SECURE_DESCRIPTION
+    optimizer.__class__ = _noise_step_class(_InPlaceNoise if name == "torch" else _SecureNoise,
+                                            cls)
+    return describe_noise_generator(name)
+
+
+@functools.cache  # a handful of classes: two noise steps by Opacus' two optimizers
+def _noise_step_class(step: type, base: type) -> type:
+    """``base`` with ``step``'s noise step: the class :func:`use_noise_generator` gives."""
+    prefix = "SecureNoise" if step is _SecureNoise else "InPlaceNoise"
+    return type(f"{prefix}{base.__name__}", (step, base), {})

@@ -137,17 +137,31 @@ def _private(grad_sample_mode="hooks", sigma=1.5, clip=0.5, seed=0):
 def _train(dp_model, opt, criterion, loader, epochs=1):
     """Runs DP-SGD; returns the noise Opacus added at each step, and the step count.
 
-    After ``step`` Opacus keeps ``p.summed_grad`` (the clipped sum) and has set
-    ``p.grad = (summed_grad + noise) / expected_batch_size`` (loss_reduction="mean").
-    The expected batch size is 16, a power of 2, so undoing the division is exact.
+    The clipped sum is copied as soon as the optimizer has formed it (Opacus'
+    ``clip_and_accumulate``, or ghost clipping's ``accumulate``), before any
+    noise. After ``step`` ``p.grad = (summed_grad + noise) / expected_batch_size``
+    (loss_reduction="mean"); the expected batch size is 16, a power of 2, so
+    undoing the division is exact.
     """
+    sums = []
+
+    def spying(method):
+        def spy():
+            method()
+            sums[:] = [p.summed_grad.clone() for p in opt.params]
+        return spy
+
+    for name in ("clip_and_accumulate", "accumulate"):
+        if hasattr(opt, name):
+            setattr(opt, name, spying(getattr(opt, name)))
     noises, steps = [], 0
     for _ in range(epochs):
         for x, y in loader:
             opt.zero_grad()
             criterion(dp_model(x), y).backward()
             opt.step()
-            noises += [(p.grad * BATCH - p.summed_grad).flatten() for p in opt.params]
+            pairs = zip(opt.params, sums, strict=True)
+            noises += [(p.grad * BATCH - s).flatten() for p, s in pairs]
             steps += 1
     return torch.cat(noises).double(), steps
 
@@ -199,14 +213,52 @@ def test_torch_noise_is_reproducible_under_a_seed_and_secure_noise_is_not():
     assert not torch.equal(secure_a, secure_b)
 
 
-def test_torch_leaves_the_optimizer_alone_and_says_it_is_not_secure():
+def test_torch_noise_is_added_in_place_and_says_it_is_not_secure():
     # Prepare
     _, _, opt, _, _ = _private()
     # Execute
     described = use_noise_generator(opt, "torch")
     # Assert
-    assert type(opt) is DPOptimizer
+    assert type(opt).__bases__ == (noise_module._InPlaceNoise, DPOptimizer)
     assert "Mersenne Twister" in described and "not cryptographically secure" in described
+
+
+@pytest.mark.parametrize("piece", [1 << 16, 32])
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_in_place_torch_noise_trains_opacus_own_weights(mode, piece, monkeypatch):
+    # Prepare: pieces of 32 split each 2,048-value weight into 64 draws.
+    monkeypatch.setattr(noise_module, "_NOISE_PIECE", piece)
+
+    def final_weights(choose):
+        _, dp_model, opt, criterion, loader = _private(mode, seed=11)
+        if choose:
+            use_noise_generator(opt, "torch")
+        _train(dp_model, opt, criterion, loader, epochs=2)
+        return torch.cat([p.detach().flatten() for p in dp_model.parameters()])
+
+    # Execute
+    opacus_own, in_place = final_weights(False), final_weights(True)
+    # Assert: on the CPU the pieces are, value for value, Opacus' one draw per tensor.
+    assert torch.equal(opacus_own, in_place)
+
+
+@pytest.mark.parametrize("n", [1, 15, 32, 33, 47, 48, 100, 1000])
+def test_noise_is_drawn_in_bounded_pieces_none_shorter_than_16(n, monkeypatch):
+    # Prepare
+    monkeypatch.setattr(noise_module, "_NOISE_PIECE", 32)
+    grad, drawn = torch.zeros(n, dtype=torch.float64), []
+
+    def draw(piece):
+        drawn.append(piece.numel())
+        piece.fill_(len(drawn))
+
+    # Execute
+    noise_module._add_in_pieces_(grad, draw)
+    # Assert: every value got exactly one piece's noise, in order.
+    assert sum(drawn) == n and max(drawn) <= 32 + 15
+    assert n < 16 or min(drawn) >= 16
+    assert torch.equal(grad, torch.repeat_interleave(
+        torch.arange(1, len(drawn) + 1, dtype=torch.float64), torch.tensor(drawn)))
 
 
 def test_choosing_again_replaces_the_previous_choice_without_nesting():
@@ -218,9 +270,10 @@ def test_choosing_again_replaces_the_previous_choice_without_nesting():
     secure_class = type(opt)
     use_noise_generator(opt, "torch")
     # Assert
-    assert secure_class.__bases__[-1] is DPOptimizer
+    assert secure_class.__bases__ == (noise_module._SecureNoise, DPOptimizer)
     assert secure_class.__mro__.count(DPOptimizer) == 1
-    assert type(opt) is DPOptimizer
+    assert type(opt).__bases__ == (noise_module._InPlaceNoise, DPOptimizer)
+    assert type(opt).__mro__.count(DPOptimizer) == 1
 
 
 def test_only_this_optimizer_instance_changes():

@@ -156,6 +156,8 @@ def _make_private(model: nn.Module, data: ArrayData, task: ClientTask, *, lr: fl
     with the whole history."""
     from opacus import PrivacyEngine
 
+    from clients.poisson import hold_no_batch
+
     pcfg, tcfg = task.privacy, task.train
     generator = torch.Generator().manual_seed(seed)
     dataset: Dataset = _tensors(data)
@@ -186,7 +188,7 @@ def _make_private(model: nn.Module, data: ArrayData, task: ClientTask, *, lr: fl
         dp_model, dp_opt, dp_crit, dp_loader = private
     else:
         (dp_model, dp_opt, dp_loader), dp_crit = private, criterion
-    return engine, dp_model, dp_opt, dp_crit, dp_loader
+    return engine, dp_model, dp_opt, dp_crit, hold_no_batch(dp_loader)
 
 
 def dp_train_round(

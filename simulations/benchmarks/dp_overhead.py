@@ -13,20 +13,26 @@ How it is measured, in one worker process started for the purpose:
   of a ratio. CPU-second ratios are reported too.
 * **memory**: for each (model, mode) the worker forks a child before any
   training of that model has run in it; the child trains two steps on a copy
-  of the model (which faults in the library code it runs), resets its resident high-water mark
-  (``/proc/self/clear_refs``), trains one epoch on ``memory_examples``
-  examples and reports its peak RSS. ``peak_memory_ratio`` compares training
-  memory: what training adds above the RSS it started from, plus the weights'
-  bytes (the nearest CPU analogue of ``torch.cuda.max_memory_allocated``);
-  ``peak_rss_ratio_process`` compares the whole process, torch's runtime
-  included. In the child glibc's mmap threshold is
-  pinned (``mallopt``) and freed heap pages are trimmed before the epoch, so
-  buffers freed and reused show as growth.
+  of the model (which faults in the library code it runs), then one epoch on
+  ``memory_examples`` examples twice, each from the same fresh copy:
+
+  - under torch's memory profiler, for the peak of the tensors the epoch
+    allocates (:func:`~simulations.benchmarks.measure.tensor_peak_bytes`).
+    ``peak_memory_ratio`` compares that plus the weights' bytes: the CPU
+    counterpart of ``torch.cuda.max_memory_allocated``;
+  - with its resident high-water mark reset (``/proc/self/clear_refs``), for
+    the peak RSS. ``training_rss_ratio`` compares what training adds above the
+    RSS it started from, plus the weights' bytes; it includes the allocator's
+    slack and Python objects. ``peak_rss_ratio_process`` compares the whole
+    process, torch's runtime included. glibc's mmap threshold is pinned
+    (``mallopt``) and freed heap pages are trimmed before the epoch, so buffers
+    freed and reused show as growth.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import select
@@ -38,7 +44,12 @@ import warnings
 from dataclasses import asdict
 from typing import Any
 
-from simulations.benchmarks.measure import median, read_status_kb, reset_peak_rss
+from simulations.benchmarks.measure import (
+    median,
+    read_status_kb,
+    reset_peak_rss,
+    tensor_peak_bytes,
+)
 from simulations.benchmarks.suites import DpOverheadSpec
 
 __all__ = ["MODEL_VARIANTS", "run_dp_overhead"]
@@ -133,12 +144,16 @@ def _measure_peak(spec: DpOverheadSpec, model: str, mode: str, data: Any) -> dic
     # (file-backed pages count as RSS) and Opacus sets up what it keeps.
     two_steps = data.subset(list(range(min(len(data), 2 * spec.batch_size))))
     _epoch(spec, copy.deepcopy(net), two_steps, task, mode, 0)
+    profiled_epoch = functools.partial(_epoch, spec, copy.deepcopy(net), data, task, mode, 1)
+    tensor_peak = tensor_peak_bytes(profiled_epoch)
+    del profiled_epoch  # and its copy of the model
     gc.collect()
     libc.malloc_trim(0)  # hand freed heap pages back, so reusing them shows as growth
     reset_peak_rss()
     start = read_status_kb("VmRSS") or 0
     _epoch(spec, net, data, task, mode, seed=1)
-    return {"start_kb": start, "peak_kb": read_status_kb("VmHWM") or 0}
+    return {"start_kb": start, "peak_kb": read_status_kb("VmHWM") or 0,
+            "tensor_peak_bytes": tensor_peak}
 
 
 def _memory_in_child(spec: DpOverheadSpec, model: str, mode: str, data: Any) -> dict[str, Any]:
@@ -233,9 +248,10 @@ def _worker(spec: DpOverheadSpec) -> dict[str, Any]:
                                sum(p.numel() for p in base.parameters()))
     return {
         "method": ("time: fedpriv's dp_train_round (1 epoch, engine set-up included) vs a "
-                   "plain SGD loop, modes interleaved, median of per-repeat ratios; memory: "
-                   "peak RSS of a forked child training one epoch, above its starting RSS "
-                   "(peak_memory_ratio) and whole process (peak_rss_ratio_process)"),
+                   "plain SGD loop, modes interleaved, median of per-repeat ratios; memory, "
+                   "in a forked child training one epoch: peak tensor memory plus the "
+                   "weights (peak_memory_ratio), peak RSS above its starting RSS plus the "
+                   "weights (training_rss_ratio), whole process (peak_rss_ratio_process)"),
         "dataset": spec.dataset, "examples": len(data), "memory_examples": len(mem_data),
         "batch_size": spec.batch_size, "repeats": spec.repeats, "threads": spec.threads,
         "models": models,
@@ -249,6 +265,7 @@ def _summarise(times: dict[str, list[tuple[float, float]]],
     base_m = memory[(model, "nonprivate")]
     param_kb = params * 4 / 1024  # float32 weights: counted on both sides, as on a GPU
     base_added = max(0, base_m.get("peak_kb", 0) - base_m.get("start_kb", 0)) + param_kb
+    base_tensors = base_m.get("tensor_peak_bytes", 0) / 1024 + param_kb
     out: dict[str, Any] = {"parameters": params}
     for mode in modes:
         mem = memory[(model, mode)]
@@ -256,11 +273,13 @@ def _summarise(times: dict[str, list[tuple[float, float]]],
             out[mode] = {"error": mem.get("error") or base_m.get("error")}
             continue
         added = max(0, mem["peak_kb"] - mem["start_kb"]) + param_kb
+        tensors = mem["tensor_peak_bytes"] / 1024 + param_kb
         row: dict[str, Any] = {
             "epoch_s": [round(w, 4) for w, _ in times[mode]],
             "median_epoch_s": median([w for w, _ in times[mode]]),
             "median_epoch_cpu_s": median([c for _, c in times[mode]]),
             "peak_rss_mb": round(mem["peak_kb"] / 1024, 1),
+            "tensor_memory_mb": round(tensors / 1024, 3),
             "training_memory_mb": round(added / 1024, 2),
         }
         if mode != "nonprivate":
@@ -268,7 +287,8 @@ def _summarise(times: dict[str, list[tuple[float, float]]],
                                         zip(times[mode], base_t, strict=True)])
             row["cpu_time_ratio"] = median([c / bc for (_, c), (_, bc) in
                                             zip(times[mode], base_t, strict=True)])
-            row["peak_memory_ratio"] = round(added / base_added, 3)
+            row["peak_memory_ratio"] = round(tensors / base_tensors, 3)
+            row["training_rss_ratio"] = round(added / base_added, 3)
             row["peak_rss_ratio_process"] = round(mem["peak_kb"] / base_m["peak_kb"], 3)
         out[mode] = row
     return out

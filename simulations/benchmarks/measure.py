@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["ProcStats", "TreeMonitor", "machine_info", "median", "read_status_kb",
-           "reset_peak_rss", "proc_stats", "descendants"]
+           "reset_peak_rss", "proc_stats", "descendants", "tensor_peak_bytes"]
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -51,6 +51,29 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def tensor_peak_bytes(run: Callable[[], object]) -> int:
+    """Peak of the CPU tensor memory ``run()`` allocates, above what was allocated before.
+
+    torch's profiler with ``profile_memory`` records every allocation and free with
+    its size and time; their running sum, in time order, peaks at the answer. It
+    counts tensors only (what ``torch.cuda.max_memory_allocated`` counts on a GPU),
+    not the allocator's slack or Python objects, and tensors alive before ``run``
+    started and still alive do not count. Read through the profiler's raw
+    (kineto) events: the summarised events fold allocations into their operators.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+              and e.device_type().name == "CPU"]
+    now = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        now += event.nbytes()
+        peak = max(peak, now)
+    return peak
 
 
 @dataclass(frozen=True)

@@ -112,14 +112,15 @@ def _dp_section(r: dict[str, Any], out: Path) -> list[str]:
                 continue
             if "error" in m:
                 rows.append([model, v["parameters"], mode, "error: " + m["error"][:80], "", "",
-                             "", ""])
+                             "", "", ""])
                 continue
             rows.append([model, v["parameters"], mode, m["time_ratio"], m["cpu_time_ratio"],
-                         m["peak_memory_ratio"], m["peak_rss_ratio_process"],
+                         m["peak_memory_ratio"], m["training_rss_ratio"],
+                         m["peak_rss_ratio_process"],
                          f"{v['nonprivate']['median_epoch_s']:.3f} → {m['median_epoch_s']:.3f}"])
     lines += _table(["model", "weights", "mode", "time ÷ plain", "CPU time ÷ plain",
-                     "training memory ÷ plain", "process peak RSS ÷ plain",
-                     "s/epoch plain → DP"], rows)
+                     "peak tensor memory ÷ plain", "training RSS ÷ plain",
+                     "process peak RSS ÷ plain", "s/epoch plain → DP"], rows)
 
     def draw(ax: Any) -> None:
         labels = [f"{row[0]}\n{row[2]}" for row in rows if isinstance(row[3], float)]

@@ -46,10 +46,13 @@ def test_dp_overhead_reports_every_model_and_mode(dp_overhead):
             row = model[mode]
             assert len(row["epoch_s"]) == spec.repeats
             for key in ("time_ratio", "cpu_time_ratio", "peak_memory_ratio",
-                        "peak_rss_ratio_process"):
+                        "training_rss_ratio", "peak_rss_ratio_process"):
                 assert math.isfinite(row[key]) and row[key] > 0, key
-            # Training memory counts the weights at least: float32, 4 bytes each.
-            assert row["training_memory_mb"] >= model["parameters"] * 4 / 2**20 - 0.01
+            # Training memory counts the weights at least: float32, 4 bytes each; the
+            # tensors' peak also counts at least one batch of float32 inputs.
+            weights_mb = model["parameters"] * 4 / 2**20
+            assert row["training_memory_mb"] >= weights_mb - 0.01
+            assert row["tensor_memory_mb"] > weights_mb
             assert row["peak_rss_mb"] > row["training_memory_mb"]
 
 

@@ -13,10 +13,10 @@ import math
 import warnings
 
 import pytest
-from opacus.optimizers import optimizer as opacus_optimizer
 from safetensors.torch import load_file
 
 from clients.audit import site_canaries
+from clients.noise import _InPlaceNoise
 from server.app import compose_config
 from server.audit import main as audit_main
 from simulations.inprocess import run_in_process
@@ -36,14 +36,15 @@ def _run(path, bug_factor=None):
     with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if bug_factor is not None:
-            honest_noise = opacus_optimizer._generate_noise
+            honest_draw = _InPlaceNoise._draw
 
-            def less_noise(std, reference, *args, **kwargs):
+            def less_noise(self, piece, std):
                 # Only the noise drawn shrinks: the optimizer's noise_multiplier, which
                 # Opacus' accountant reads after each step, is the calibrated one.
-                return honest_noise(std * bug_factor, reference, *args, **kwargs)
+                return honest_draw(self, piece, std * bug_factor)
 
-            mp.setattr(opacus_optimizer, "_generate_noise", less_noise)
+            # fedpriv's noise step (clients/noise.py) draws every DP-SGD noise value.
+            mp.setattr(_InPlaceNoise, "_draw", less_noise)
         summary = run_in_process(cfg, path, resolved)
     return cfg, summary, json.loads((path / "audit_empirical.json").read_text())
 

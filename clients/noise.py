@@ -152,7 +152,7 @@ class _InPlaceNoise(DPOptimizer):
     ends as the same value Opacus gives (on the CPU the same draws, value for
     value), and ``p.summed_grad`` is now the same tensor as ``p.grad``.
 
-    Never built directly: :func:`use_noise_generator` makes ``(cls_, base)``
+    Never built directly: :func:`use_noise_generator` makes ``(step, base)``
     subclasses. The noise multiplier is read, never written, so the accountant's
     step hook still sees the configured value.
     """

@@ -160,8 +160,10 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
         budget.min_available = s.min_train_clients
         if s.fraction_train < 1:  # the seeded selection is keyed on site names
             stack.selection.names = identify_sites(grid, send, task, s.round_timeout)
-        # Each site's sample-level ε, brought up to date with the sites charged in
-        # each round (ε is a function of a site's rows: the others' are unchanged).
+        # Each site's sample-level ε, brought up to date each round with the sites
+        # that have rows after the last update, wherever they were written (ε is a
+        # function of a site's rows: the others' are unchanged).
+        seen_seq, _ = ledger.ledger.head()
         eps_by_site = ledger.per_site(pc.delta, pc.accountant)
         with reporter:
             for rnd in range(1, cfg.train.rounds + 1):
@@ -184,7 +186,6 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
                 # Mirror each release into the server ledger before anything derived
                 # from it (the aggregate, metrics) leaves this process.
                 answered = trained
-                seq_before, _ = ledger.ledger.head()
                 trained, rejected = ledger.mirror(
                     trained, rnd, site_levels=bool({"sample", "local"} & set(pc.levels)))
                 # Then validate: a rejected update has still been charged.
@@ -214,8 +215,11 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
                     fed_eval = {k: v for k, v in agg.items() if k != "client"} if agg else None
                 smoothed = _ema(smoothed, arrays.to_torch_state_dict(), s.ema)
                 central = _central(model, smoothed, test, device) if test is not None else {}
-                charged = {r.charge.site for r in ledger.ledger.rows(after_seq=seq_before)}
-                eps_by_site.update(ledger.per_site(pc.delta, pc.accountant, sites=charged))
+                new_rows = ledger.ledger.rows(after_seq=seen_seq)
+                if new_rows:
+                    seen_seq = new_rows[-1].seq
+                eps_by_site.update(ledger.per_site(pc.delta, pc.accountant,
+                                                   sites={r.charge.site for r in new_rows}))
                 eps_max = max(eps_by_site.values(), default=0.0)
                 record = {
                     "round": rnd, "lr": lr, "central": central, "clients": _client_rows(trained),

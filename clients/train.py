@@ -124,9 +124,9 @@ def grad_sample_mode_for(model: nn.Module, mode: str, *, canaries: bool = False)
       layer ExpandedWeights computes per-sample gradients for
       (:data:`EW_LAYERS`: convolutions, embeddings, norms, linear): it
       computes them in the backward pass itself, in place of the batch
-      gradient; measured on Fashion-MNIST, the transformer's DP-SGD epoch
-      costs 1.64x a plain one with it against 2.22x with hooks, the CNN's
-      1.54x against 1.55x;
+      gradient; measured on Fashion-MNIST (two runs), the transformer's
+      DP-SGD epoch costs 1.50-1.72x a plain one with it against 1.94-2.14x
+      with hooks, the CNN's 1.31x against 1.52-1.65x;
     * per-sample hooks otherwise, and whenever canaries train with the model
       (``audit=sample``: their grad sampler is registered for hooks).
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +93,62 @@ def _ema(previous: dict[str, torch.Tensor] | None, new: dict[str, torch.Tensor],
             for k, v in new.items()}
 
 
+class _Records:
+    """Round records, each written once its central evaluation is done.
+
+    The server's central evaluation of round r runs on one thread of its own while
+    round r+1 trains: the clients' workers would otherwise wait for it, and it only
+    reads round r's model. The record and the progress line of round r follow when
+    round r+1's training replies are in (or the loop ends), always in round order.
+    A round's ``wall_seconds`` is then the time from its start to the next round's
+    start (for the last round: to the end of its evaluation), so the rounds' times
+    still add up to the loop's. Owned by :func:`run_federation`, for one run.
+    """
+
+    def __init__(self, run_dir: RunDir, reporter: RoundReporter, outcome: _Outcome) -> None:
+        self._run_dir, self._reporter, self._outcome = run_dir, reporter, outcome
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedpriv-central")
+        self._pending: tuple[dict[str, Any], float, Future[dict[str, Any]] | None,
+                             float] | None = None
+        self.central: dict[str, Any] = {}  # the last written round's central metrics
+
+    def evaluate(self, fn: Callable[..., dict[str, Any]], *args: Any) -> Future[dict[str, Any]]:
+        return self._pool.submit(fn, *args)
+
+    def hold(self, record: dict[str, Any], eps_max: float,
+             central: Future[dict[str, Any]] | None, t_start: float) -> None:
+        """Keep ``record`` until ``central`` (its evaluation) is done; write the one before."""
+        self.write(t_start)
+        self._pending = (record, eps_max, central, t_start)
+
+    def write(self, t_next: float | None = None) -> None:
+        """Write the held record (waiting for its evaluation); ``t_next``: when the next
+        round started (``None``: now, after the evaluation)."""
+        if self._pending is None:
+            return
+        record, eps_max, future, t_start = self._pending
+        self._pending = None
+        central = future.result() if future is not None else {}
+        record["central"] = central
+        record["wall_seconds"] = (time.perf_counter() if t_next is None else t_next) - t_start
+        self._run_dir.append_round(record)
+        self._outcome.rounds_completed = record["round"]
+        self.central = central
+        log.info("round %d: central %s, eps_max %.4f", record["round"],
+                 {k: v for k, v in central.items() if k != "confusion_matrix"}, eps_max)
+        self._reporter.round_done(record, eps_max)
+
+    def __enter__(self) -> _Records:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Write the held record (also when the loop raised), then stop the thread."""
+        try:
+            self.write()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 @dataclass
 class _Outcome:
     """How the round loop ended."""
@@ -132,7 +190,6 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
     task = {**flatten(cfg.task), STATE_ROOT_KEY: str(run_dir.sites_dir)}
     ledger = ServerLedger(run_dir.ledger_path)
     pc = cfg.privacy
-    central: dict[str, Any] = {}
     eps_max = 0.0
     smoothed: dict[str, torch.Tensor] | None = None
     outcome = _Outcome()
@@ -165,7 +222,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
         # function of a site's rows: the others' are unchanged).
         seen_seq, _ = ledger.ledger.head()
         eps_by_site = ledger.per_site(pc.delta, pc.accountant)
-        with reporter:
+        with reporter, _Records(run_dir, reporter, outcome) as records:
             for rnd in range(1, cfg.train.rounds + 1):
                 why = _stop_before_round(budget, grid, cfg)
                 if why:
@@ -214,7 +271,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
                     # The weighted mean of client ids is meaningless: drop it.
                     fed_eval = {k: v for k, v in agg.items() if k != "client"} if agg else None
                 smoothed = _ema(smoothed, arrays.to_torch_state_dict(), s.ema)
-                central = _central(model, smoothed, test, device) if test is not None else {}
+                evaluated = records.evaluate(_central, model, smoothed, test, device) \
+                    if test is not None else None
                 new_rows = ledger.ledger.rows(after_seq=seen_seq)
                 if new_rows:
                     seen_seq = new_rows[-1].seq
@@ -222,7 +280,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
                                                    sites={r.charge.site for r in new_rows}))
                 eps_max = max(eps_by_site.values(), default=0.0)
                 record = {
-                    "round": rnd, "lr": lr, "central": central, "clients": _client_rows(trained),
+                    "round": rnd, "lr": lr, "central": None, "clients": _client_rows(trained),
                     "declined": [{k: v for k, v in vars(d).items() if k != "node_id"}
                                  for d in declined],
                     "rejected": rejected,
@@ -231,18 +289,16 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
                     "selected": stack.selection.selected.get(rnd),
                     "client_level": client_level,
                     "epsilon_client_level": _max_epsilon(ledger, cfg, "client"),
-                    "wall_seconds": time.perf_counter() - t_round,
+                    "wall_seconds": None,
                 }
-                run_dir.append_round(record)
-                outcome.rounds_completed = rnd
-                log.info("round %d: central %s, eps_max %.4f", rnd,
-                         {k: v for k, v in central.items() if k != "confusion_matrix"}, eps_max)
-                reporter.round_done(record, eps_max)
+                # Written, with "central" and "wall_seconds" filled in, once evaluated.
+                records.hold(record, eps_max, evaluated, t_round)
                 if budget.global_cap_reached:
                     outcome.stop_reason = "global_epsilon_cap"
                     outcome.detail = (f"after round {rnd}: a site's next release would cross "
                                       f"privacy.epsilon_cap={pc.epsilon_cap}")
                     break
+        central = records.central
         if smoothed is not None or outcome.rounds_completed:
             run_dir.save_model(smoothed if smoothed is not None
                                else arrays.to_torch_state_dict())

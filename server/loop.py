@@ -7,6 +7,7 @@ client that raised ends the run at once with its traceback.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -93,41 +94,93 @@ def _ema(previous: dict[str, torch.Tensor] | None, new: dict[str, torch.Tensor],
             for k, v in new.items()}
 
 
+class _SiteEpsilons:
+    """Each site's sample-level ε in the server ledger, brought up to date with the
+    sites that have rows after the last update, wherever they were written (ε is a
+    function of a site's rows: the others' are unchanged)."""
+
+    def __init__(self, ledger: ServerLedger, delta: float, accountant: str) -> None:
+        self._ledger, self._delta, self._accountant = ledger, delta, accountant
+        self._seen_seq, _ = ledger.ledger.head()
+        self._by_site = ledger.per_site(delta, accountant)
+
+    def largest(self) -> float:
+        """The largest site's ε, every row so far taken in."""
+        new_rows = self._ledger.ledger.rows(after_seq=self._seen_seq)
+        if new_rows:
+            self._seen_seq = new_rows[-1].seq
+        self._by_site.update(self._ledger.per_site(self._delta, self._accountant,
+                                                   sites={r.charge.site for r in new_rows}))
+        return max(self._by_site.values(), default=0.0)
+
+
+def _book(record: dict[str, Any], epsilons: _SiteEpsilons, ledger: ServerLedger,
+          cfg: RunConfig, records: _Records, central: Future[dict[str, Any]] | None,
+          t_start: float, t_next: float | None) -> None:
+    """A round's bookkeeping that the next round does not wait for: ε for its record,
+    then the record, written as soon as its central evaluation is done."""
+    record["epsilon_sample_level_max"] = eps_max = epsilons.largest()
+    record["epsilon_client_level"] = _max_epsilon(ledger, cfg, "client")
+    records.hold(record, eps_max, central, t_start, t_next)
+    records.write(wait=False)
+
+
 class _Records:
     """Round records, each written once its central evaluation is done.
 
-    The server's central evaluation of round r runs on one thread of its own while
-    round r+1 trains: the clients' workers would otherwise wait for it, and it only
-    reads round r's model. The record and the progress line of round r follow when
-    round r+1's training replies are in (or the loop ends), always in round order.
-    A round's ``wall_seconds`` is then the time from its start to the next round's
-    start (for the last round: to the end of its evaluation), so the rounds' times
-    still add up to the loop's. Owned by :func:`run_federation`, for one run.
+    The clients' workers would otherwise wait while the server finishes a round, so
+    what the next round does not need waits for its messages to go out: the
+    central evaluation of round r runs on one thread of its own (it only reads
+    round r's model), and the rest of the round's bookkeeping (each site's ε for
+    the record) is deferred to :meth:`catch_up`, which round r+1 calls once its
+    messages are out. Round r's record and progress line are written then or,
+    when the evaluation is still running, once round r+1's replies are in (or the
+    loop ends): always in round order. A round's ``wall_seconds`` is the time from
+    its start to the next round's start (for the last round: to the end of its
+    evaluation), so the rounds' times still add up to the loop's. Owned by
+    :func:`run_federation`, for one run.
     """
 
     def __init__(self, run_dir: RunDir, reporter: RoundReporter, outcome: _Outcome) -> None:
         self._run_dir, self._reporter, self._outcome = run_dir, reporter, outcome
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedpriv-central")
-        self._pending: tuple[dict[str, Any], float, Future[dict[str, Any]] | None,
-                             float] | None = None
+        self._held: tuple[dict[str, Any], float, Future[dict[str, Any]] | None,
+                          float, float | None] | None = None
+        self._deferred: Callable[[float | None], None] | None = None
         self.central: dict[str, Any] = {}  # the last written round's central metrics
 
     def evaluate(self, fn: Callable[..., dict[str, Any]], *args: Any) -> Future[dict[str, Any]]:
         return self._pool.submit(fn, *args)
 
-    def hold(self, record: dict[str, Any], eps_max: float,
-             central: Future[dict[str, Any]] | None, t_start: float) -> None:
-        """Keep ``record`` until ``central`` (its evaluation) is done; write the one before."""
-        self.write(t_start)
-        self._pending = (record, eps_max, central, t_start)
+    def defer(self, bookkeeping: Callable[[float | None], None]) -> None:
+        """Keep a round's remaining bookkeeping for :meth:`catch_up`."""
+        self.catch_up(None)
+        self._deferred = bookkeeping
 
-    def write(self, t_next: float | None = None) -> None:
-        """Write the held record (waiting for its evaluation); ``t_next``: when the next
-        round started (``None``: now, after the evaluation)."""
-        if self._pending is None:
+    def catch_up(self, t_next: float | None) -> None:
+        """Run the deferred bookkeeping, if any (once); ``t_next``: when the next round
+        started (``None``: there is none)."""
+        todo, self._deferred = self._deferred, None
+        if todo is not None:
+            todo(t_next)
+
+    def hold(self, record: dict[str, Any], eps_max: float,
+             central: Future[dict[str, Any]] | None, t_start: float,
+             t_next: float | None) -> None:
+        """Keep ``record`` until ``central`` (its evaluation) is done; the one held
+        before is written first."""
+        self.write()
+        self._held = (record, eps_max, central, t_start, t_next)
+
+    def write(self, wait: bool = True) -> None:
+        """Write the held record, waiting for its evaluation (``wait=False``: only when
+        that is done already)."""
+        if self._held is None:
             return
-        record, eps_max, future, t_start = self._pending
-        self._pending = None
+        record, eps_max, future, t_start, t_next = self._held
+        if not wait and future is not None and not future.done():
+            return
+        self._held = None
         central = future.result() if future is not None else {}
         record["central"] = central
         record["wall_seconds"] = (time.perf_counter() if t_next is None else t_next) - t_start
@@ -142,8 +195,10 @@ class _Records:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        """Write the held record (also when the loop raised), then stop the thread."""
+        """Finish the deferred bookkeeping and write the held record (also when the loop
+        raised), then stop the thread."""
         try:
+            self.catch_up(None)
             self.write()
         finally:
             self._pool.shutdown(wait=True)
@@ -190,7 +245,6 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
     task = {**flatten(cfg.task), STATE_ROOT_KEY: str(run_dir.sites_dir)}
     ledger = ServerLedger(run_dir.ledger_path)
     pc = cfg.privacy
-    eps_max = 0.0
     smoothed: dict[str, torch.Tensor] | None = None
     outcome = _Outcome()
     send = RoundSender()  # lost sites are recorded per round, the round goes on
@@ -217,11 +271,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
         budget.min_available = s.min_train_clients
         if s.fraction_train < 1:  # the seeded selection is keyed on site names
             stack.selection.names = identify_sites(grid, send, task, s.round_timeout)
-        # Each site's sample-level ε, brought up to date each round with the sites
-        # that have rows after the last update, wherever they were written (ε is a
-        # function of a site's rows: the others' are unchanged).
-        seen_seq, _ = ledger.ledger.head()
-        eps_by_site = ledger.per_site(pc.delta, pc.accountant)
+        epsilons = _SiteEpsilons(ledger, pc.delta, pc.accountant)
         with reporter, _Records(run_dir, reporter, outcome) as records:
             for rnd in range(1, cfg.train.rounds + 1):
                 why = _stop_before_round(budget, grid, cfg)
@@ -234,7 +284,9 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
                 config = ConfigRecord({**task, "lr": lr, "num-threads": threads})
                 send.round = rnd
                 replies = send(grid, budget.configure_train(rnd, arrays, config, grid),
-                                s.round_timeout, f"training round {rnd}")
+                               s.round_timeout, f"training round {rnd}",
+                               meanwhile=functools.partial(records.catch_up, t_round))
+                records.write(wait=False)  # the round before's, if its evaluation is done
                 trained, declined = budget.split(replies)
                 canaries.collect(rnd, lr, trained)  # out of the replies: never aggregated
                 for d in declined:
@@ -273,26 +325,21 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
                 smoothed = _ema(smoothed, arrays.to_torch_state_dict(), s.ema)
                 evaluated = records.evaluate(_central, model, smoothed, test, device) \
                     if test is not None else None
-                new_rows = ledger.ledger.rows(after_seq=seen_seq)
-                if new_rows:
-                    seen_seq = new_rows[-1].seq
-                eps_by_site.update(ledger.per_site(pc.delta, pc.accountant,
-                                                   sites={r.charge.site for r in new_rows}))
-                eps_max = max(eps_by_site.values(), default=0.0)
                 record = {
                     "round": rnd, "lr": lr, "central": None, "clients": _client_rows(trained),
                     "declined": [{k: v for k, v in vars(d).items() if k != "node_id"}
                                  for d in declined],
                     "rejected": rejected,
                     "lost": send.take_lost(),
-                    "federated_evaluation": fed_eval, "epsilon_sample_level_max": eps_max,
+                    "federated_evaluation": fed_eval, "epsilon_sample_level_max": None,
                     "selected": stack.selection.selected.get(rnd),
                     "client_level": client_level,
-                    "epsilon_client_level": _max_epsilon(ledger, cfg, "client"),
+                    "epsilon_client_level": None,
                     "wall_seconds": None,
                 }
-                # Written, with "central" and "wall_seconds" filled in, once evaluated.
-                records.hold(record, eps_max, evaluated, t_round)
+                # Filled in and written while the next round trains.
+                records.defer(functools.partial(_book, record, epsilons, ledger, cfg, records,
+                                                evaluated, t_round))
                 if budget.global_cap_reached:
                     outcome.stop_reason = "global_epsilon_cap"
                     outcome.detail = (f"after round {rnd}: a site's next release would cross "

@@ -18,7 +18,8 @@ not an outage, and the run stops at once with the client's traceback
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 from flwr.app import Message
@@ -55,6 +56,32 @@ class Lost:
         return asdict(self)
 
 
+# How often the server looks for replies when the grid does not say (Flower's own
+# send_and_receive sleeps 3 s between looks on a deployment's grid, so every round
+# waited 1.5 s on average after its last reply); a look is one request to the SuperLink.
+PULL_INTERVAL_S = 0.2
+
+
+def _exchange(grid: Grid, sent: list[Message], timeout: float,
+              meanwhile: Callable[[], None] | None) -> list[Message]:
+    """Push ``sent``, run ``meanwhile``, then pull replies until all are in or ``timeout``
+    (from the push) has passed: Flower's ``send_and_receive`` with a gap for the server."""
+    waiting = set(grid.push_messages(sent)) if sent else set()
+    deadline = time.monotonic() + timeout
+    if meanwhile is not None:
+        meanwhile()
+    interval = float(getattr(grid, "pull_interval", PULL_INTERVAL_S))
+    replies: list[Message] = []
+    while waiting:
+        got = list(grid.pull_messages(waiting))
+        replies.extend(got)
+        waiting.difference_update(m.metadata.reply_to_message_id for m in got)
+        if not waiting or time.monotonic() >= deadline:
+            break
+        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+    return replies
+
+
 class RoundSender:
     """Sends a round's messages; keeps the nodes that were lost until taken.
 
@@ -67,10 +94,14 @@ class RoundSender:
         self.round = 0
 
     def __call__(self, grid: Grid, messages: Iterable[Message], timeout: float,
-                 what: str) -> list[Message]:
-        """The answered replies to ``messages``; raises if a client's app raised."""
+                 what: str, meanwhile: Callable[[], None] | None = None) -> list[Message]:
+        """The answered replies to ``messages``; raises if a client's app raised.
+
+        ``meanwhile`` runs once the messages are out, while the clients work (the
+        server's bookkeeping of the round before); ``timeout`` counts from then too.
+        """
         sent = list(messages)
-        replies = list(grid.send_and_receive(sent, timeout=timeout)) if sent else []
+        replies = _exchange(grid, sent, timeout, meanwhile)
         dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in sent
                   if m.metadata.message_id}
         answered, failed, lost_ids = [], [], {}

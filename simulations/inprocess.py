@@ -52,6 +52,7 @@ class InProcessGrid(Grid):
                            state=RecordDict(), run_config={})
             for i in range(num_clients)
         }
+        self._replies: dict[str, Message] = {}  # pushed message id -> reply, until pulled
 
     # Grid's abstract interface -------------------------------------------------
     def set_run(self, run: Any) -> None:  # the run id is fixed
@@ -69,21 +70,24 @@ class InProcessGrid(Grid):
         return list(self.contexts)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError("use send_and_receive")
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError("use send_and_receive")
-
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
-        """Each message to its node's ClientApp, in order; their replies."""
-        replies = []
+        """Each message to its node's ClientApp, in order, now; the replies wait for a pull."""
+        ids = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             msg.metadata.__dict__["_created_at"] = time.time()
             mine = make_message(copy.copy(msg.metadata), copy.deepcopy(msg.content))
-            replies.append(self.client_app(mine, self.contexts[msg.metadata.dst_node_id]))
-        return replies
+            self._replies[msg.metadata.message_id] = self.client_app(
+                mine, self.contexts[msg.metadata.dst_node_id])
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        """Each message to its node's ClientApp, in order; their replies."""
+        return self.pull_messages(self.push_messages(messages))
 
 
 @contextmanager

@@ -59,11 +59,14 @@ def main(out_dir: str, overrides: list[str]) -> None:
     sent: list[dict[str, Any]] = []
 
     class RecordingGrid(_EligibleGrid):
-        def send_and_receive(self, messages: Iterable[Any], *,
-                             timeout: float | None = None) -> Iterable[Any]:
+        def push_messages(self, messages: Iterable[Any]) -> Iterable[str]:
             messages = list(messages)
-            sent.extend(describe(m) for m in messages)
-            replies = list(super().send_and_receive(messages, timeout=timeout))
+            ids = list(super().push_messages(messages))
+            sent.extend(describe(m) for m in messages)  # their ids are set by the push
+            return ids
+
+        def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Any]:
+            replies = list(super().pull_messages(message_ids))
             seen.extend(describe(m) for m in replies)
             return replies
 

@@ -1,4 +1,5 @@
-"""Round records written after a central evaluation that runs beside the next round.
+"""Round records written after a central evaluation that runs beside the next round,
+with the rest of a round's bookkeeping deferred until the next round's messages are out.
 
 ``_Records`` with a recording run directory and reporter (units), then the real
 in-process loop: the last record's central metrics are those of the saved model.
@@ -30,7 +31,7 @@ def _record(rnd):
     return {"round": rnd, "central": None, "clients": [], "wall_seconds": None}
 
 
-def test_a_record_waits_for_its_evaluation_and_is_written_when_the_next_round_is_held():
+def test_a_record_is_written_once_its_evaluation_is_done_with_the_time_to_the_next_round():
     sink, outcome = _Sink(), _Outcome()
     release, threads = threading.Event(), []
 
@@ -43,30 +44,58 @@ def test_a_record_waits_for_its_evaluation_and_is_written_when_the_next_round_is
         first = records.evaluate(evaluate, 1)
         # The caller goes on while the evaluation blocks: it releases it itself.
         assert not first.done()
-        records.hold(_record(1), 0.5, first, t_start=100.0)
-        assert sink.written == []  # held, not written
+        records.hold(_record(1), 0.5, first, 100.0, 103.5)
+        records.write(wait=False)
+        assert sink.written == []  # still evaluating: held, not written
         release.set()
-        records.hold(_record(2), 0.7, records.evaluate(evaluate, 2), t_start=103.5)
+        first.result(timeout=10)
+        records.write(wait=False)
         assert [r["round"] for r in sink.written] == [1]
         assert sink.written[0]["central"] == {"accuracy": 0.1}
         assert sink.written[0]["wall_seconds"] == pytest.approx(3.5)  # start to next start
         assert outcome.rounds_completed == 1
+        records.hold(_record(2), 0.7, records.evaluate(evaluate, 2), 103.5, None)
     assert [r["round"] for r in sink.written] == [1, 2]
     assert sink.written[1]["central"] == {"accuracy": 0.2}
-    assert sink.written[1]["wall_seconds"] > 0
+    assert sink.written[1]["wall_seconds"] > 0  # the last round: to the end of its evaluation
     assert sink.reported == [(1, 0.5), (2, 0.7)]
     assert records.central == {"accuracy": 0.2} and outcome.rounds_completed == 2
     assert threading.current_thread().name not in threads
 
 
-def test_a_held_record_is_written_when_the_loop_raises():
+def test_holding_a_record_writes_the_one_held_before_in_round_order():
     sink, outcome = _Sink(), _Outcome()
-    with pytest.raises(RuntimeError, match="round 2 failed"):
+    with _Records(sink, sink, outcome) as records:
+        slow = records.evaluate(lambda: threading.Event().wait(0.2) or {"accuracy": 0.1})
+        records.hold(_record(1), 0.1, slow, 0.0, 1.0)
+        records.hold(_record(2), 0.2, records.evaluate(lambda: {"accuracy": 0.2}), 1.0, 2.0)
+        assert [r["round"] for r in sink.written] == [1]  # waited for round 1's evaluation
+    assert [(r["round"], r["central"]["accuracy"]) for r in sink.written] == [(1, 0.1), (2, 0.2)]
+
+
+def test_deferred_bookkeeping_runs_once_with_the_next_rounds_start_or_at_the_end():
+    sink, outcome = _Sink(), _Outcome()
+    runs = []
+    with _Records(sink, sink, outcome) as records:
+        records.defer(runs.append)
+        records.catch_up(7.0)
+        records.catch_up(8.0)  # nothing left to run
+        records.defer(runs.append)
+        records.defer(runs.append)  # a second defer first runs the one before (no next round)
+        assert runs == [7.0, None]
+    assert runs == [7.0, None, None]  # the last one, when the loop ends
+
+
+def test_a_held_record_and_deferred_bookkeeping_are_written_when_the_loop_raises():
+    sink, outcome = _Sink(), _Outcome()
+    with pytest.raises(RuntimeError, match="round 3 failed"):
         with _Records(sink, sink, outcome) as records:
-            records.hold(_record(1), 0.1, records.evaluate(lambda: {"accuracy": 0.9}), 0.0)
-            raise RuntimeError("round 2 failed")
-    assert [(r["round"], r["central"]) for r in sink.written] == [(1, {"accuracy": 0.9})]
-    assert outcome.rounds_completed == 1
+            records.hold(_record(1), 0.1, records.evaluate(lambda: {"accuracy": 0.9}), 0.0, 1.0)
+            records.defer(lambda t_next: records.hold(_record(2), 0.2, None, 1.0, t_next))
+            raise RuntimeError("round 3 failed")
+    assert [(r["round"], r["central"]) for r in sink.written] == [(1, {"accuracy": 0.9}),
+                                                                 (2, {})]
+    assert outcome.rounds_completed == 2
 
 
 def test_a_failed_evaluation_is_raised_not_written():
@@ -77,14 +106,14 @@ def test_a_failed_evaluation_is_raised_not_written():
 
     with pytest.raises(ValueError, match="bad test set"):
         with _Records(sink, sink, outcome) as records:
-            records.hold(_record(1), 0.1, records.evaluate(broken), 0.0)
+            records.hold(_record(1), 0.1, records.evaluate(broken), 0.0, None)
     assert sink.written == [] and outcome.rounds_completed == 0
 
 
 def test_a_round_without_a_test_set_is_written_with_empty_central_metrics():
     sink, outcome = _Sink(), _Outcome()
     with _Records(sink, sink, outcome) as records:
-        records.hold(_record(1), 0.0, None, 0.0)
+        records.hold(_record(1), 0.0, None, 0.0, None)
     assert sink.written[0]["central"] == {} and sink.written[0]["wall_seconds"] >= 0
 
 

@@ -31,13 +31,24 @@ def _error(node, code, *, from_superlink=False):
 
 
 class _Grid:
-    def __init__(self, replies):
-        self.replies = replies
-        self.timeouts = []
+    """Replies wait until pulled; ``calls`` keeps the order of pushes and pulls."""
 
-    def send_and_receive(self, messages, *, timeout=None):
-        self.timeouts.append(timeout)
-        return list(self.replies)
+    pull_interval = 0.01
+
+    def __init__(self, replies):
+        self.replies = list(replies)
+        self.calls = []
+
+    def push_messages(self, messages):
+        self.calls.append("push")
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, message_ids):
+        self.calls.append("pull")
+        ids = set(message_ids)
+        got = [r for r in self.replies if r.metadata.reply_to_message_id in ids]
+        self.replies = [r for r in self.replies if r not in got]
+        return got
 
 
 def test_unavailable_crashed_and_silent_nodes_are_lost_and_the_others_answer():
@@ -50,16 +61,18 @@ def test_unavailable_crashed_and_silent_nodes_are_lost_and_the_others_answer():
     send.round = 7
 
     # Execute
-    answered = send(grid, [_sent(n) for n in range(1, 6)], 30.0, "training round 7")
+    t0 = time.monotonic()
+    answered = send(grid, [_sent(n) for n in range(1, 6)], 0.3, "training round 7")
 
     # Assert
     assert [m.metadata.src_node_id for m in answered] == [1, 2]
-    assert grid.timeouts == [30.0]
+    assert 0.3 <= time.monotonic() - t0 < 5  # waited out the timeout for node 5, no longer
+    assert grid.calls[0] == "push" and grid.calls.count("pull") > 1
     lost = send.take_lost()
     assert [(x["node_id"], x["round"]) for x in lost] == [(3, 7), (4, 7), (5, 7)]
     assert lost[0]["reason"].startswith("node unavailable")
     assert "crashed" in lost[1]["reason"]
-    assert lost[2]["reason"] == "no reply within round_timeout=30.0s"
+    assert lost[2]["reason"] == "no reply within round_timeout=0.3s"
     assert send.take_lost() == []  # taken once
 
 
@@ -75,4 +88,30 @@ def test_a_client_whose_app_raised_stops_the_run(code):
 def test_nothing_to_send_sends_nothing():
     grid = _Grid([])
     assert RoundSender()(grid, [], 5.0, "evaluation round 1") == []
-    assert grid.timeouts == []
+    assert grid.calls == []
+
+
+def test_meanwhile_runs_after_the_push_and_before_the_replies_are_pulled():
+    grid = _Grid([_answer(1), _answer(2)])
+    done = []
+    answered = RoundSender()(grid, [_sent(1), _sent(2)], 5.0, "training round 2",
+                             meanwhile=lambda: done.append(list(grid.calls)))
+    assert done == [["push"]]
+    assert [m.metadata.src_node_id for m in answered] == [1, 2]
+    assert grid.calls == ["push", "pull"]  # all in at the first pull: no waiting
+
+
+def test_meanwhile_runs_when_nothing_is_sent():
+    # The bookkeeping of the round before must not be skipped by an empty round.
+    done = []
+    assert RoundSender()(_Grid([]), [], 5.0, "training round 3",
+                         meanwhile=lambda: done.append(1)) == []
+    assert done == [1]
+
+
+def test_the_timeout_counts_from_the_push_not_from_the_end_of_meanwhile():
+    grid = _Grid([])
+    t0 = time.monotonic()
+    RoundSender()(grid, [_sent(1)], 0.3, "training round 4", meanwhile=lambda: time.sleep(0.3))
+    assert time.monotonic() - t0 < 0.5
+    assert grid.calls == ["push", "pull"]  # one look after meanwhile: the deadline had passed

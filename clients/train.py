@@ -300,10 +300,19 @@ def plain_train_round(model: nn.Module, data: ArrayData, task: ClientTask, *, lr
     return float(np.mean(losses)) if losses else float("nan")
 
 
+# predict's batch on the CPU: the CNN's activations at 256 images (13 MB a layer) stay
+# in the cache, at 1,024 they do not. Measured over Fashion-MNIST's 12,000 test
+# images on one thread: the CNN 4.6 s at 1,024, 2.5 s at 256 (the same probabilities,
+# to the bit); the MLP and the transformer the same at both. GPUs keep 1,024.
+PREDICT_BATCH_CPU, PREDICT_BATCH = 256, 1024
+
+
 @torch.no_grad()
 def predict(model: nn.Module, data: ArrayData, device: torch.device,
-            batch_size: int = 1024) -> np.ndarray:
+            batch_size: int | None = None) -> np.ndarray:
     """Class probabilities, shape ``(N, num_classes)``."""
+    if batch_size is None:
+        batch_size = PREDICT_BATCH_CPU if device.type == "cpu" else PREDICT_BATCH
     model.to(device).eval()
     x = _as_tensor(data.x)
     out = []

@@ -166,3 +166,23 @@ def test_auto_trains_the_weights_hooks_train(name, picked, batch_size):
     for key in hooks:
         assert not torch.equal(hooks[key], initial[key])
         torch.testing.assert_close(auto[key], hooks[key], rtol=1e-4, atol=1e-4)
+
+
+def test_predict_gives_the_same_probabilities_whatever_the_batch():
+    # The CPU default (256) slices the data differently from one batch of all: the
+    # probabilities must not depend on it. 600 images: two full slices and a short one.
+    from clients.train import PREDICT_BATCH_CPU, predict
+
+    rng = np.random.default_rng(3)
+    data = ArrayData(rng.normal(size=(600, 1, 28, 28)).astype(np.float32),
+                     rng.integers(0, 10, 600), 10)
+    model = build_model(ModelConfig(name="cnn"), (1, 28, 28), 10, seed=1)
+    with torch.no_grad():
+        expected = torch.softmax(model.eval()(torch.from_numpy(data.x)), dim=1).numpy()
+
+    got = predict(model, data, torch.device("cpu"))
+
+    assert PREDICT_BATCH_CPU < len(data) and got.shape == (600, 10)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    empty = ArrayData(data.x[:0], data.y[:0], 10)
+    assert predict(model, empty, torch.device("cpu")).shape == (0, 10)

@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
@@ -79,10 +80,10 @@ def _client_rows(replies: list[Message]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["client"])
 
 
-def _central(model: torch.nn.Module, weights: dict[str, torch.Tensor], test: ArrayData,
-             device: torch.device) -> dict[str, Any]:
+def _central_probs(model: torch.nn.Module, weights: dict[str, torch.Tensor], test: ArrayData,
+                   device: torch.device) -> np.ndarray:
     model.load_state_dict(weights, strict=True)
-    return classification_metrics(test.y, predict(model, test, device))
+    return predict(model, test, device)
 
 
 def _ema(previous: dict[str, torch.Tensor] | None, new: dict[str, torch.Tensor],
@@ -130,9 +131,11 @@ class _Records:
 
     The clients' workers would otherwise wait while the server finishes a round, so
     what the next round does not need waits for its messages to go out: the
-    central evaluation of round r runs on one thread of its own (it only reads
-    round r's model), and the rest of the round's bookkeeping (each site's ε for
-    the record) is deferred to :meth:`catch_up`, which round r+1 calls once its
+    metrics of round r's central evaluation are computed on one thread of its own
+    (from the model's probabilities, computed before: a model's pass beside
+    busy workers contends with them for the CPUs and, in small torch calls, for
+    the GIL), and the rest of the round's bookkeeping (each site's ε for the
+    record) is deferred to :meth:`catch_up`, which round r+1 calls once its
     messages are out. Round r's record and progress line are written then or,
     when the evaluation is still running, once round r+1's replies are in (or the
     loop ends): always in round order. A round's ``wall_seconds`` is the time from
@@ -147,10 +150,17 @@ class _Records:
         self._held: tuple[dict[str, Any], float, Future[dict[str, Any]] | None,
                           float, float | None] | None = None
         self._deferred: Callable[[float | None], None] | None = None
+        self._evaluating: Future[dict[str, Any]] | None = None
         self.central: dict[str, Any] = {}  # the last written round's central metrics
 
     def evaluate(self, fn: Callable[..., dict[str, Any]], *args: Any) -> Future[dict[str, Any]]:
-        return self._pool.submit(fn, *args)
+        """Start ``fn(*args)`` on the evaluation thread once the evaluation before it is
+        done: at most one runs beside a round, so a slow evaluation holds the loop
+        back instead of piling up behind it."""
+        if self._evaluating is not None:
+            self._evaluating.exception()  # waits; a failure is raised when its record is
+        self._evaluating = self._pool.submit(fn, *args)
+        return self._evaluating
 
     def defer(self, bookkeeping: Callable[[float | None], None]) -> None:
         """Keep a round's remaining bookkeeping for :meth:`catch_up`."""
@@ -323,8 +333,11 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
                     # The weighted mean of client ids is meaningless: drop it.
                     fed_eval = {k: v for k, v in agg.items() if k != "client"} if agg else None
                 smoothed = _ema(smoothed, arrays.to_torch_state_dict(), s.ema)
-                evaluated = records.evaluate(_central, model, smoothed, test, device) \
-                    if test is not None else None
+                # The model's pass over the test set here, with every CPU (the workers
+                # wait for this round's model); the metrics beside the next round.
+                evaluated = records.evaluate(
+                    classification_metrics, test.y,
+                    _central_probs(model, smoothed, test, device)) if test is not None else None
                 record = {
                     "round": rnd, "lr": lr, "central": None, "clients": _client_rows(trained),
                     "declined": [{k: v for k, v in vars(d).items() if k != "node_id"}

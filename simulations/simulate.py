@@ -35,36 +35,12 @@ def _backend_config(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def server_threads(cfg: RunConfig, cpus: int | None = None) -> int:
-    """torch threads for the server in a simulation: the CPUs its client workers leave.
-
-    Flower starts one worker per ``simulation.num_cpus`` of the machine's CPUs
-    (``cpus``; Ray's ``init_args.num_cpus`` when set), each training with that many
-    threads. The server evaluates while they train (``server.loop``); with torch's
-    default of a thread per CPU, its threads and theirs contend and torch's
-    worker threads wait on each other. Measured on 2 CPUs, Fashion-MNIST's CNN
-    at 100 clients: rounds of 4.1-5.0 s with 2 server threads, 3.4-4.1 s with 1.
-    """
-    init = cfg.simulation.init_args
-    if cpus is None:
-        if "address" in init:  # a Ray cluster: its workers need not be on this machine
-            return max(1, os.cpu_count() or 1)
-        local = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-            else os.cpu_count() or 1
-        cpus = int(init.get("num_cpus", local))
-    workers = min(cfg.simulation.num_clients, int(cpus // cfg.simulation.num_cpus))
-    return max(1, int(cpus - workers * cfg.simulation.num_cpus))
-
-
 def run_simulation_from_config(cfg: RunConfig, run_dir: RunDir, resolved_yaml: str) -> None:
     """Run the whole simulation; raises if any client or the server failed."""
-    import torch
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
     from server.app import make_server_app
-
-    torch.set_num_threads(server_threads(cfg))
 
     # Ray prints a FutureWarning about GPU env vars on every start unless told.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")

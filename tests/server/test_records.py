@@ -1,5 +1,6 @@
-"""Round records written after a central evaluation that runs beside the next round,
-with the rest of a round's bookkeeping deferred until the next round's messages are out.
+"""Round records written once their central evaluation's metrics (computed beside the
+next round) are done, with the rest of a round's bookkeeping deferred until the next
+round's messages are out.
 
 ``_Records`` with a recording run directory and reporter (units), then the real
 in-process loop: the last record's central metrics are those of the saved model.
@@ -61,6 +62,18 @@ def test_a_record_is_written_once_its_evaluation_is_done_with_the_time_to_the_ne
     assert sink.reported == [(1, 0.5), (2, 0.7)]
     assert records.central == {"accuracy": 0.2} and outcome.rounds_completed == 2
     assert threading.current_thread().name not in threads
+
+
+def test_at_most_one_evaluation_is_in_flight():
+    # A slow evaluation holds the next one back (and so the loop) instead of piling up.
+    sink, outcome = _Sink(), _Outcome()
+    release = threading.Event()
+    threading.Timer(0.3, release.set).start()
+    with _Records(sink, sink, outcome) as records:
+        first = records.evaluate(lambda: release.wait(timeout=10) and {"accuracy": 0.1})
+        second = records.evaluate(lambda: {"accuracy": 0.2})
+        assert first.done() and release.is_set()  # evaluate() waited for the first
+        assert second.result(timeout=10) == {"accuracy": 0.2}
 
 
 def test_holding_a_record_writes_the_one_held_before_in_round_order():

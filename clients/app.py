@@ -28,6 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from clients.adversary import flip_labels, poison_update
+from clients.allocator import keep_freed_memory
 from clients.audit import attach_canary_block, site_canaries
 from clients.cache import WorkerCache, worker_cache
 from clients.charging import Caps, Refusal, caps_of, charge
@@ -207,6 +208,7 @@ def train(msg: Message, context: Context) -> Message:
     train, and only then let the update leave (write-ahead charging).
     """
     with _report_failures(context.node_config.get("partition-id", "?")):
+        keep_freed_memory()  # this worker's activations, reused call to call
         cache = worker_cache()
         config = config_record(msg.content)
         task = from_flat(ClientTask, dict(config))
@@ -389,6 +391,7 @@ def _reply(msg: Message, site: Site, task: ClientTask, plan: _Plan, n: int, trai
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this client's local validation split."""
     with _report_failures(context.node_config.get("partition-id", "?")):
+        keep_freed_memory()
         cache = worker_cache()
         task = from_flat(ClientTask, dict(config_record(msg.content)))
         config = config_record(msg.content)

@@ -67,6 +67,9 @@ SIMULATION_PULL_INTERVAL_S = 0.005
 def serve(grid: Grid, cfg: RunConfig, run_dir: RunDir, resolved_yaml: str) -> dict[str, Any]:
     from flwr.superlink.grid import InMemoryGrid
 
+    from clients.allocator import keep_freed_memory
+
+    keep_freed_memory()  # the central evaluation's activations, reused batch to batch
     if isinstance(grid, InMemoryGrid):
         grid.pull_interval = min(grid.pull_interval, SIMULATION_PULL_INTERVAL_S)
     run_dir.write_config(resolved_yaml)

@@ -6,7 +6,7 @@ its heap's top after the free, so the next batch touched new pages: a
 Fashion-MNIST evaluation (12,000 images) took 287,000 page faults on the
 2-core CI machine, 1.4 s of its 3.4 s on one thread. With allocations under
 :data:`MMAP_THRESHOLD` served from the heap and up to :data:`TRIM_THRESHOLD`
-kept free at its top, it took none (``docs/benchmarks.md``, fix 13). A client's
+kept free at its top, it took none (``docs/benchmarks.md``, fix 14). A client's
 DP-SGD call faulted less (6,000 times) and gains less.
 
 The price is memory the process keeps: at most :data:`TRIM_THRESHOLD` free at

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clients.config import DatasetConfig
-from clients.data import ArrayData, client_partition, partition_all, server_test_split
+from clients.data import ArrayData, ByteImages, client_partition, partition_all, stored_test_split
 from privacy import EpsilonMemo, GaussianRelease, calibrate_noise_multiplier
 from privacy.memo import Lru
 
@@ -81,7 +81,7 @@ class WorkerCache:
     Parameters
     ----------
     max_pools : bundled data pools (with their cut) kept; one is a whole data
-        set (Fashion-MNIST: 150 MB), so keep this small.
+        set (Fashion-MNIST: 38 MB of pixel bytes), so keep this small.
     max_sites : bundled client data sets after preprocessing kept.
     max_site_bytes : their total size bound (Fashion-MNIST scattering features:
         about 75 MB per client of ten; a digits client: 4 kB).
@@ -99,7 +99,7 @@ class WorkerCache:
                             ("max_epsilons", max_epsilons)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}={value!r}: must be an integer >= 0")
-        self._pools: Lru[tuple[ArrayData, list[np.ndarray]]] = Lru(max_pools)
+        self._pools: Lru[tuple[ArrayData | ByteImages, list[np.ndarray]]] = Lru(max_pools)
         self._sites: Lru[SiteData] = Lru(max_sites, max_bytes=max_site_bytes,
                                          size_of=_site_bytes)
         self._sigmas: Lru[float] = Lru(max_sigmas)
@@ -117,9 +117,10 @@ class WorkerCache:
         # and client_partition makes it from the config it is given.
         key = (_config_key(dataclasses.replace(cfg, val_fraction=0.0)), seed, num_partitions)
 
-        def load() -> tuple[ArrayData, list[np.ndarray]]:
-            pool, _ = server_test_split(cfg, seed)
-            pool = ArrayData(_frozen(pool.x), _frozen(pool.y), pool.num_classes)
+        def load() -> tuple[ArrayData | ByteImages, list[np.ndarray]]:
+            pool = stored_test_split(cfg, seed)[0]
+            _frozen(pool.codes if isinstance(pool, ByteImages) else pool.x)
+            _frozen(pool.y)
             parts = partition_all(cfg, num_partitions, seed, pool=pool)
             return pool, [_frozen(p) for p in parts]
 

@@ -18,7 +18,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 from sklearn.model_selection import train_test_split
@@ -27,11 +27,13 @@ from clients.config import ConfigError, DatasetConfig
 
 __all__ = [
     "ArrayData",
+    "ByteImages",
     "FASHION_MNIST_ENV",
     "load_bundled",
     "load_fashion_mnist",
     "fashion_mnist_dirs",
     "server_test_split",
+    "stored_test_split",
     "partitioner_parameters",
     "partition_all",
     "client_partition",
@@ -64,6 +66,34 @@ class ArrayData:
 
     def subset(self, idx: np.ndarray) -> ArrayData:
         return ArrayData(self.x[idx], self.y[idx], self.num_classes)
+
+    def decoded(self) -> ArrayData:
+        """This data (the same interface as :meth:`ByteImages.decoded`)."""
+        return self
+
+
+@dataclass(frozen=True)
+class ByteImages:
+    """Images kept as byte codes, decoded to :class:`ArrayData` only for the records taken.
+
+    ``table[codes]`` is the float32 ``x`` that :class:`ArrayData` would hold:
+    one byte a pixel rather than four. A worker keeps Fashion-MNIST's train
+    pool this way (38 MB, not 150 MB) and decodes only its clients' records.
+    """
+
+    codes: np.ndarray  # uint8, (N, C, H, W)
+    table: np.ndarray  # float32, (256,): the input value of each code
+    y: np.ndarray
+    num_classes: int
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def subset(self, idx: np.ndarray) -> ByteImages:
+        return ByteImages(self.codes[idx], self.table, self.y[idx], self.num_classes)
+
+    def decoded(self) -> ArrayData:
+        return ArrayData(self.table[self.codes], self.y, self.num_classes)
 
 
 def _centre(unit: np.ndarray) -> np.ndarray:
@@ -143,6 +173,8 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
 def load_fashion_mnist(dirs: Sequence[Path] | None = None) -> ArrayData:
     """The 60,000 Fashion-MNIST training images (Xiao et al. 2017), centred to [-1, 1].
 
+    :func:`fashion_mnist_bytes`, decoded.
+
     Parameters
     ----------
     dirs : folders to search; default :func:`fashion_mnist_dirs`.
@@ -159,6 +191,11 @@ def load_fashion_mnist(dirs: Sequence[Path] | None = None) -> ArrayData:
     ConfigError
         If the files are not found, or are not well-formed IDX files.
     """
+    return fashion_mnist_bytes(dirs).decoded()
+
+
+def fashion_mnist_bytes(dirs: Sequence[Path] | None = None) -> ByteImages:
+    """:func:`load_fashion_mnist` as it is stored: pixel bytes and the value of each."""
     searched = fashion_mnist_dirs() if dirs is None else list(dirs)
     files = _find_fashion_files(searched)
     if files is None:
@@ -174,9 +211,9 @@ def load_fashion_mnist(dirs: Sequence[Path] | None = None) -> ArrayData:
     if labels.size and int(labels.max()) > 9:
         raise ConfigError(f"dataset.name='fashion-mnist': {files[1]} holds label "
                           f"{int(labels.max())}; Fashion-MNIST labels are 0..9")
-    # One table lookup per pixel: the same values as _centre(images / 255), in one pass.
-    table = _centre(np.arange(256) / 255.0)
-    return ArrayData(table[images][:, None, :, :], labels.astype(np.int64), 10)
+    # Decoding is one table lookup per pixel: the same values as _centre(images / 255).
+    return ByteImages(images[:, None, :, :], _centre(np.arange(256) / 255.0),
+                      labels.astype(np.int64), 10)
 
 
 # --------------------------------------------------------------------------
@@ -247,6 +284,11 @@ def load_bundled(name: str) -> ArrayData:
     ConfigError
         For an unknown name, or a data set that is not installed.
     """
+    return _load_stored(name).decoded()
+
+
+def _load_stored(name: str) -> ArrayData | ByteImages:
+    """:func:`load_bundled`, Fashion-MNIST left as :class:`ByteImages`."""
     if name == "digits":
         from sklearn.datasets import load_digits
 
@@ -258,7 +300,7 @@ def load_bundled(name: str) -> ArrayData:
         x = _centre(features.reshape(-1, 1, 28, 28) / 255.0)
         return ArrayData(x, labels.astype(np.int64), 10)
     if name == "fashion-mnist":
-        return load_fashion_mnist()
+        return fashion_mnist_bytes()
     if name == "breast-cancer":
         return _load_breast_cancer()
     raise ConfigError(f"dataset.name={name!r}: unknown bundled data set")
@@ -268,7 +310,17 @@ def load_bundled(name: str) -> ArrayData:
 # Splits and partitions
 # --------------------------------------------------------------------------
 
-def _split(data: ArrayData, fraction: float, seed: int) -> tuple[ArrayData, ArrayData]:
+@overload
+def _split(data: ArrayData, fraction: float, seed: int) -> tuple[ArrayData, ArrayData]: ...
+@overload
+def _split(data: ByteImages, fraction: float, seed: int) -> tuple[ByteImages, ByteImages]: ...
+@overload
+def _split(data: ArrayData | ByteImages, fraction: float,
+           seed: int) -> tuple[ArrayData | ByteImages, ArrayData | ByteImages]: ...
+
+
+def _split(data: ArrayData | ByteImages, fraction: float,
+           seed: int) -> tuple[ArrayData | ByteImages, ArrayData | ByteImages]:
     """Stratified seeded split into (rest, held-out fraction)."""
     idx = np.arange(len(data))
     counts = np.bincount(data.y, minlength=data.num_classes)
@@ -280,7 +332,22 @@ def _split(data: ArrayData, fraction: float, seed: int) -> tuple[ArrayData, Arra
 
 def server_test_split(cfg: DatasetConfig, seed: int) -> tuple[ArrayData, ArrayData]:
     """Return ``(train_pool, test)``: clients only ever see the train pool."""
-    return _split(load_bundled(cfg.name), cfg.test_fraction, seed)
+    # Split before decoding: the whole set is never decoded at once (Fashion-MNIST:
+    # 188 MB of floats that would live beside the two parts).
+    pool, test = stored_test_split(cfg, seed)
+    return pool.decoded(), test.decoded()
+
+
+def stored_test_split(
+    cfg: DatasetConfig, seed: int
+) -> tuple[ArrayData | ByteImages, ArrayData | ByteImages]:
+    """:func:`server_test_split`, Fashion-MNIST's parts left as :class:`ByteImages`.
+
+    For a caller that needs one part only, or only the labels, or a few
+    records: :class:`clients.cache.WorkerCache` keeps the train pool this way
+    and :func:`client_partition` decodes only the client's records.
+    """
+    return _split(_load_stored(cfg.name), cfg.test_fraction, seed)
 
 
 def _pathological_check(cfg: DatasetConfig, labels: np.ndarray, num_partitions: int) -> None:
@@ -395,15 +462,16 @@ def _cut(cfg: DatasetConfig, labels: np.ndarray, num_partitions: int, seed: int,
 
 
 def partition_all(
-    cfg: DatasetConfig, num_partitions: int, seed: int, *, pool: ArrayData | None = None
+    cfg: DatasetConfig, num_partitions: int, seed: int, *,
+    pool: ArrayData | ByteImages | None = None
 ) -> list[np.ndarray]:
     """Indices into the train pool for every partition (flwr-datasets).
 
     Parameters
     ----------
     cfg, num_partitions, seed : what the cut depends on (nothing else).
-    pool : the train pool from :func:`server_test_split` with the same
-        ``cfg`` and ``seed``, when the caller already has it (saves a load).
+    pool : the train pool from :func:`stored_test_split` (or :func:`server_test_split`)
+        with the same ``cfg`` and ``seed``, when the caller already has it (saves a load).
 
     Raises
     ------
@@ -411,29 +479,30 @@ def partition_all(
         If the settings cannot give every partition at least one record.
     """
     if pool is None:
-        pool, _ = server_test_split(cfg, seed)
+        pool = stored_test_split(cfg, seed)[0]
     return _cut(cfg, pool.y, num_partitions, seed)
 
 
 def client_partition(
     cfg: DatasetConfig, partition_id: int, num_partitions: int, seed: int, *,
-    pool: ArrayData | None = None, parts: Sequence[np.ndarray] | None = None,
+    pool: ArrayData | ByteImages | None = None, parts: Sequence[np.ndarray] | None = None,
 ) -> tuple[ArrayData, ArrayData]:
     """A simulated client's ``(train, validation)`` data.
 
     Parameters
     ----------
     cfg, partition_id, num_partitions, seed : which data set, cut how, which client.
-    pool, parts : the train pool of :func:`server_test_split` and every
-        partition's indices from :func:`partition_all` (same ``cfg``, ``seed``
-        and ``num_partitions``), when the caller keeps them
-        (``clients.cache.WorkerCache``). Otherwise the pool is loaded and only
-        this client's partition is cut.
+    pool, parts : the train pool of :func:`stored_test_split` (or
+        :func:`server_test_split`) and every partition's indices from
+        :func:`partition_all` (same ``cfg``, ``seed`` and ``num_partitions``),
+        when the caller keeps them (``clients.cache.WorkerCache``). Otherwise
+        the pool is loaded and only this client's partition is cut; either
+        way only this client's records are decoded.
     """
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(f"partition-id={partition_id}: must be in [0, {num_partitions})")
     if pool is None:
-        pool, _ = server_test_split(cfg, seed)
+        pool = stored_test_split(cfg, seed)[0]
     if parts is None:
         idx = _cut(cfg, pool.y, num_partitions, seed, only=partition_id)[0]
     else:
@@ -441,7 +510,7 @@ def client_partition(
             raise ValueError(f"parts: {len(parts)} partitions given, num_partitions="
                              f"{num_partitions}")
         idx = parts[partition_id]
-    local = pool.subset(idx)
+    local = pool.subset(idx).decoded()
     if cfg.val_fraction == 0 or len(local) < 2:
         return local, local.subset(np.arange(0))
     return _split(local, cfg.val_fraction, seed + 1 + partition_id)

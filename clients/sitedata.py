@@ -165,11 +165,11 @@ def server_test_data(cfg: DatasetConfig, seed: int,
     federated statistics when those are used) and turned into scattering
     features like the sites' data, never augmented.
     """
-    from clients.data import server_test_split
+    from clients.data import stored_test_split
     from clients.loaders import load_site
 
     if not cfg.is_files:
-        test = server_test_split(cfg, seed)[1]
+        test = stored_test_split(cfg, seed)[1].decoded()
         x, y, labels = test.x.astype(np.float64), test.y, test.y
         kind, num_classes = _bundled_kind(test), test.num_classes
     elif not cfg.test_path:

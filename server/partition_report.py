@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clients.config import DatasetConfig
-from clients.data import partition_all, partitioner_parameters, server_test_split
+from clients.data import partition_all, partitioner_parameters, stored_test_split
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -55,7 +55,7 @@ def partition_report(cfg: DatasetConfig, num_clients: int, seed: int) -> dict[st
         (records per client) and ``class_histograms`` (per client, a list of
         record counts per class).
     """
-    pool, test = server_test_split(cfg, seed)
+    pool, test = stored_test_split(cfg, seed)  # labels and sizes: nothing decoded
     parts = partition_all(cfg, num_clients, seed, pool=pool)
     histograms = [np.bincount(pool.y[p], minlength=pool.num_classes).tolist() for p in parts]
     return {

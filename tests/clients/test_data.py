@@ -17,6 +17,7 @@ from clients.data import (
     load_fashion_mnist,
     partition_all,
     server_test_split,
+    stored_test_split,
 )
 
 
@@ -347,3 +348,56 @@ def test_dirichlet_that_cannot_fill_its_partitions_suggests_settings():
     # Execute / Assert
     with pytest.warns(UserWarning), pytest.raises(ConfigError, match="min_partition_size"):
         partition_all(cfg, 4, seed=0)
+
+
+def _synthetic_fashion(folder: Path, monkeypatch) -> np.ndarray:
+    """200 random images, 20 of each class, installed as Fashion-MNIST; returns the bytes."""
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 256, size=(200, 28, 28))
+    labels = rng.permutation(np.repeat(np.arange(10), 20))
+    _write_fashion(folder, _idx_bytes(pixels), _idx_bytes(labels))
+    monkeypatch.setenv(FASHION_MNIST_ENV, str(folder))
+    return pixels
+
+
+def test_fashion_mnist_is_split_as_bytes_and_decoded_as_before(tmp_path, monkeypatch):
+    # Prepare: the split that decoding everything first gave, written out with
+    # scikit-learn (stratified, seeded, each part in pool order) and 2 v / 255 - 1.
+    from sklearn.model_selection import train_test_split
+
+    pixels = _synthetic_fashion(tmp_path, monkeypatch)
+    cfg = DatasetConfig(name="fashion-mnist", test_fraction=0.25)
+    labels = load_fashion_mnist().y
+    rest, out = train_test_split(np.arange(200), test_size=0.25, random_state=3,
+                                 stratify=labels)
+    expected = {"pool": np.sort(rest), "test": np.sort(out)}
+    # Execute
+    stored = dict(zip(("pool", "test"), stored_test_split(cfg, 3), strict=True))
+    decoded = dict(zip(("pool", "test"), server_test_split(cfg, 3), strict=True))
+    # Assert: bytes are kept (a quarter of the floats' memory), decoding gives the same floats.
+    for part, idx in expected.items():
+        assert stored[part].codes.dtype == np.uint8
+        assert np.array_equal(stored[part].codes[:, 0], pixels[idx])
+        assert np.array_equal(stored[part].y, labels[idx])
+        want = (2.0 * pixels[idx] / 255.0 - 1.0).astype(np.float32)[:, None]
+        assert decoded[part].x.dtype == np.float32
+        assert np.array_equal(decoded[part].x, want)
+        assert np.array_equal(stored[part].decoded().x, want)
+
+
+def test_a_client_decodes_only_its_records_with_the_same_values(tmp_path, monkeypatch):
+    # Prepare
+    _synthetic_fashion(tmp_path, monkeypatch)
+    cfg = DatasetConfig(name="fashion-mnist", val_fraction=0.2)
+    stored = stored_test_split(cfg, 0)[0]
+    floats = server_test_split(cfg, 0)[0]
+    parts = partition_all(cfg, 4, 0)
+    # Execute
+    from_bytes = client_partition(cfg, 2, 4, 0, pool=stored, parts=parts)
+    from_floats = client_partition(cfg, 2, 4, 0, pool=floats, parts=parts)
+    alone = client_partition(cfg, 2, 4, 0)
+    # Assert: the same train and validation records and values, however the pool is held.
+    for got in (from_bytes, alone):
+        for part, want in zip(got, from_floats, strict=True):
+            assert part.x.dtype == np.float32
+            assert np.array_equal(part.x, want.x) and np.array_equal(part.y, want.y)

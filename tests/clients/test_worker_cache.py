@@ -221,6 +221,30 @@ def test_clients_cannot_edit_the_shared_pool():
     assert np.array_equal(again.x, client_partition(DatasetConfig(), 0, 2, 0)[0].x)
 
 
+def test_the_fashion_mnist_pool_is_kept_as_read_only_bytes(tmp_path, monkeypatch):
+    # Prepare: a 100-image stand-in for Fashion-MNIST (10 per class).
+    from clients.data import FASHION_MNIST_ENV, ByteImages
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(100, 28, 28), dtype=np.uint8)
+    labels = np.repeat(np.arange(10, dtype=np.uint8), 10)
+    head = bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in images.shape)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(head + images.tobytes())
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + (100).to_bytes(
+        4, "big") + labels.tobytes())
+    monkeypatch.setenv(FASHION_MNIST_ENV, str(tmp_path))
+    cfg, cache = DatasetConfig(name="fashion-mnist"), WorkerCache()
+    # Execute
+    local, val = cache.client_partition(cfg, 1, 3, 0)
+    ((pool, _parts), _size), = cache._pools._items.values()  # the one pool kept
+    # Assert: one byte a pixel, which no client can edit; clients get floats, as uncached.
+    assert isinstance(pool, ByteImages) and pool.codes.dtype == np.uint8
+    assert not pool.codes.flags.writeable and not pool.y.flags.writeable
+    want, want_val = client_partition(cfg, 1, 3, 0)
+    assert local.x.dtype == np.float32 and np.array_equal(local.x, want.x)
+    assert np.array_equal(val.x, want_val.x) and np.array_equal(local.y, want.y)
+
+
 def test_the_process_cache_lives_until_replaced():
     # Prepare
     mine = WorkerCache()

@@ -245,6 +245,61 @@ def test_the_fashion_mnist_pool_is_kept_as_read_only_bytes(tmp_path, monkeypatch
     assert np.array_equal(val.x, want_val.x) and np.array_equal(local.y, want.y)
 
 
+@pytest.mark.parametrize("steps, kept_by", [
+    ((), "max_plain_site_bytes"),
+    (({"name": "normalize", "mode": "none"},), "max_plain_site_bytes"),
+    (({"name": "scatter", "J": 1, "L": 4},), "max_site_bytes"),
+])
+def test_site_data_is_kept_under_the_bound_of_its_kind(tmp_path, steps, kept_by):
+    # Prepare: a cache that can keep each kind of site data, and one that keeps
+    # none of this kind (its bound is 0), the other bound left at its default.
+    from clients.sitedata import load_site_data
+
+    cfg = DatasetConfig(name="digits", preprocess=steps)
+    loads = []
+
+    def get(cache):
+        def load():
+            loads.append(1)
+            return load_site_data(cfg, node_config={}, partition_id=1, num_partitions=3,
+                                  seed=0, state_dir=tmp_path)
+        return cache.site_data(cfg, partition_id=1, num_partitions=3, seed=0, stats=None,
+                               state_dir=tmp_path, load=load)
+
+    keeps, drops = WorkerCache(), WorkerCache(**{kept_by: 0})
+    # Execute
+    first = get(keeps)
+    again = get(keeps)
+    get(drops), get(drops)
+    # Assert: loaded once where it may be kept, every time where its bound is 0
+    assert again is first and keeps.stats()["site_data"].hits == 1
+    assert drops.stats()["site_data"].hits == 0 and drops.stats()["site_data"].misses == 2
+    assert len(loads) == 3
+
+
+def test_plain_site_data_is_evicted_past_its_byte_bound(tmp_path):
+    # Prepare: a bound that holds two digits clients' data (4 kB or so each), not three.
+    from clients.sitedata import load_site_data
+
+    cfg = DatasetConfig(name="digits")
+
+    def get(cache, pid):
+        return cache.site_data(cfg, partition_id=pid, num_partitions=100, seed=0, stats=None,
+                               state_dir=tmp_path, load=lambda: load_site_data(
+                                   cfg, node_config={}, partition_id=pid, num_partitions=100,
+                                   seed=0, state_dir=tmp_path))
+
+    sizes = [sum(a.nbytes for part in (d.train, d.val) for a in (part.x, part.y))
+             for d in (get(WorkerCache.disabled(), pid) for pid in range(3))]
+    cache = WorkerCache(max_plain_site_bytes=sizes[0] + sizes[1])
+    # Execute: 0, 1, then 2 pushes out 0 (the oldest); 1 is still there
+    for pid in (0, 1, 2, 1, 0):
+        get(cache, pid)
+    # Assert
+    stats = cache.stats()["site_data"]
+    assert (stats.hits, stats.misses) == (1, 4)
+
+
 def test_the_process_cache_lives_until_replaced():
     # Prepare
     mine = WorkerCache()

@@ -16,6 +16,7 @@ computed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import traceback
 from collections.abc import Iterator
@@ -49,6 +50,7 @@ from clients.records import (
 )
 from clients.schema import SchemaError
 from clients.sitedata import (
+    CLIENT_CUT_KEY,
     STATS_MEAN_KEY,
     STATS_STD_KEY,
     SiteData,
@@ -97,13 +99,14 @@ def _load(task: ClientTask, site: Site, context: Context, config: ConfigRecord,
     stats = None
     if STATS_MEAN_KEY in config:
         stats = (numbers(config, STATS_MEAN_KEY), numbers(config, STATS_STD_KEY))
+    cut = str(config[CLIENT_CUT_KEY]) if config.get(CLIENT_CUT_KEY) else None
     data = cache.site_data(
         task.dataset, partition_id=site.partition_id, num_partitions=site.num_partitions,
         seed=task.train.seed, stats=stats, state_dir=site.state_dir,
         load=lambda: load_site_data(
             task.dataset, node_config=context.node_config, partition_id=site.partition_id,
             num_partitions=site.num_partitions, seed=task.train.seed, state_dir=site.state_dir,
-            stats=stats, partition=cache.client_partition))
+            stats=stats, partition=functools.partial(cache.client_partition, cut=cut)))
     return data, pick_device(site.device)
 
 

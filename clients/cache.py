@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,7 +44,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clients.config import DatasetConfig
-from clients.data import ArrayData, ByteImages, client_partition, partition_all, stored_test_split
+from clients.data import (
+    ArrayData,
+    ByteImages,
+    ClientCut,
+    client_partition,
+    cut_key,
+    load_cut,
+    partition_all,
+    stored_test_split,
+)
 from privacy import EpsilonMemo, GaussianRelease, calibrate_noise_multiplier
 from privacy.memo import Lru
 
@@ -61,6 +71,8 @@ class CacheStats:
     size: int
     maxsize: int
 
+
+log = logging.getLogger(__name__)
 
 # Preprocessing steps whose output is worth its memory: everything else is redone
 # from the kept pool in about a millisecond.
@@ -116,7 +128,9 @@ class WorkerCache:
         self._plain_sites: Lru[SiteData] = Lru(max_sites, max_bytes=max_plain_site_bytes,
                                                size_of=_site_bytes)
         self._sigmas: Lru[float] = Lru(max_sigmas)
+        self._cuts: Lru[ClientCut | None] = Lru(max_pools)
         self.epsilon = EpsilonMemo(maxsize=max_epsilons)
+        self.cut_reads = 0  # clients' data read from a server's cut (client_partition)
 
     @classmethod
     def disabled(cls) -> WorkerCache:
@@ -124,8 +138,18 @@ class WorkerCache:
         return cls(max_pools=0, max_sites=0, max_sigmas=0, max_epsilons=0)
 
     def client_partition(self, cfg: DatasetConfig, partition_id: int, num_partitions: int,
-                         seed: int) -> tuple[ArrayData, ArrayData]:
-        """:func:`clients.data.client_partition`, the pool loaded and cut once per key."""
+                         seed: int, *, cut: str | None = None) -> tuple[ArrayData, ArrayData]:
+        """:func:`clients.data.client_partition`, the pool loaded and cut once per key.
+
+        ``cut``: a folder where the server saved every client's data
+        (:func:`clients.data.save_cut`); read from there, mapped once per folder,
+        when it was cut for these arguments, and computed here otherwise.
+        """
+        if cut is not None and 0 <= partition_id < num_partitions:
+            found = self._cuts.get(cut, lambda: _readable_cut(cut))
+            if found is not None and found.key == cut_key(cfg, num_partitions, seed):
+                self.cut_reads += 1
+                return found.client(partition_id)
         # The pool and the cut do not depend on the validation share; the split does,
         # and client_partition makes it from the config it is given.
         key = (_config_key(dataclasses.replace(cfg, val_fraction=0.0)), seed, num_partitions)
@@ -186,10 +210,23 @@ class WorkerCache:
     def clear(self) -> None:
         """Forget everything (and the counts)."""
         self._pools.clear()
+        self._cuts.clear()
+        self.cut_reads = 0
         self._plain_sites.clear()
         self._sites.clear()
         self._sigmas.clear()
         self.epsilon.clear()
+
+
+def _readable_cut(folder: str) -> ClientCut | None:
+    """:func:`clients.data.load_cut`, or ``None`` (with a warning) when it cannot be read."""
+    from pathlib import Path
+
+    try:
+        return load_cut(Path(folder))
+    except ValueError as err:
+        log.warning("%s; the worker cuts its clients' data itself", err)
+        return None
 
 
 def _config_key(cfg: DatasetConfig) -> str:

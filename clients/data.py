@@ -10,7 +10,9 @@ client derive the same split independently.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import json
 import math
 import os
 import re
@@ -21,7 +23,6 @@ from pathlib import Path
 from typing import Any, overload
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from clients.config import ConfigError, DatasetConfig
 
@@ -37,6 +38,11 @@ __all__ = [
     "partitioner_parameters",
     "partition_all",
     "client_partition",
+    "ClientCut",
+    "cut_clients",
+    "cut_key",
+    "save_cut",
+    "load_cut",
 ]
 
 FASHION_MNIST_ENV = "FEDPRIV_FASHION_MNIST_DIR"
@@ -322,12 +328,23 @@ def _split(data: ArrayData | ByteImages, fraction: float,
 def _split(data: ArrayData | ByteImages, fraction: float,
            seed: int) -> tuple[ArrayData | ByteImages, ArrayData | ByteImages]:
     """Stratified seeded split into (rest, held-out fraction)."""
-    idx = np.arange(len(data))
-    counts = np.bincount(data.y, minlength=data.num_classes)
-    n_out = int(round(fraction * len(data)))
-    stratify = data.y if counts[counts > 0].min() >= 2 and n_out >= data.num_classes else None
+    rest, out = _split_positions(data.y, data.num_classes, fraction, seed)
+    return data.subset(rest), data.subset(out)
+
+
+def _split_positions(y: np.ndarray, num_classes: int, fraction: float,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_split` as positions into ``y``: (rest, held-out fraction), each sorted."""
+    # Not imported with the module: a worker that reads its clients' data from the
+    # server's cut (ClientCut) never splits, and scikit-learn is 78 MB of imports.
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    counts = np.bincount(y, minlength=num_classes)
+    n_out = int(round(fraction * len(y)))
+    stratify = y if counts[counts > 0].min() >= 2 and n_out >= num_classes else None
     rest, out = train_test_split(idx, test_size=fraction, random_state=seed, stratify=stratify)
-    return data.subset(np.sort(rest)), data.subset(np.sort(out))
+    return np.sort(rest), np.sort(out)
 
 
 def server_test_split(cfg: DatasetConfig, seed: int) -> tuple[ArrayData, ArrayData]:
@@ -510,7 +527,114 @@ def client_partition(
             raise ValueError(f"parts: {len(parts)} partitions given, num_partitions="
                              f"{num_partitions}")
         idx = parts[partition_id]
-    local = pool.subset(idx).decoded()
-    if cfg.val_fraction == 0 or len(local) < 2:
-        return local, local.subset(np.arange(0))
-    return _split(local, cfg.val_fraction, seed + 1 + partition_id)
+    train, val = _client_rows(cfg, pool, idx, partition_id, seed)
+    return pool.subset(train).decoded(), pool.subset(val).decoded()
+
+
+def _client_rows(cfg: DatasetConfig, pool: ArrayData | ByteImages, idx: np.ndarray,
+                 partition_id: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``pool`` for a client's (train, validation) data, its partition being ``idx``."""
+    if cfg.val_fraction == 0 or len(idx) < 2:
+        return idx, idx[:0]
+    rest, out = _split_positions(pool.y[idx], pool.num_classes, cfg.val_fraction,
+                                 seed + 1 + partition_id)
+    return idx[rest], idx[out]
+
+
+# --------------------------------------------------------------------------
+# Every client's data, cut once (a simulation's server) and read by the workers
+# --------------------------------------------------------------------------
+
+_CUT_FORMAT = 1
+
+
+def cut_key(cfg: DatasetConfig, num_partitions: int, seed: int) -> str:
+    """What a :class:`ClientCut` is a function of: every data set setting, the clients, the seed."""
+    return json.dumps({"format": _CUT_FORMAT, "dataset": dataclasses.asdict(cfg),
+                       "num_partitions": int(num_partitions), "seed": int(seed)},
+                      sort_keys=True, default=repr)
+
+
+@dataclass(frozen=True)
+class ClientCut:
+    """Every client's (train, validation) data of a bundled set, as :func:`client_partition`
+    gives it, computed once: rows ``bounds[p, 0]:bounds[p, 1]`` of ``data`` are client
+    ``p``'s train records, ``bounds[p, 1]:bounds[p, 2]`` its validation records.
+
+    A simulation's server writes it (:func:`save_cut`) before the first round; each
+    client worker maps it (:func:`load_cut`) and copies out its clients' rows, so a
+    worker neither loads the data set nor imports scikit-learn and flwr-datasets
+    (about 140 MB a worker). ``key`` (:func:`cut_key`) says what it was cut from.
+    """
+
+    data: ArrayData | ByteImages
+    bounds: np.ndarray
+    key: str
+
+    def client(self, partition_id: int) -> tuple[ArrayData, ArrayData]:
+        """Client ``partition_id``'s (train, validation) data: its own copies, decoded."""
+        start, mid, end = (int(v) for v in self.bounds[partition_id])
+        return self._rows(start, mid), self._rows(mid, end)
+
+    def _rows(self, a: int, b: int) -> ArrayData:
+        d = self.data
+        y = np.array(d.y[a:b], dtype=np.int64)
+        if isinstance(d, ByteImages):
+            return ArrayData(d.table[np.asarray(d.codes[a:b])], y, d.num_classes)
+        return ArrayData(np.array(d.x[a:b]), y, d.num_classes)
+
+
+def cut_clients(cfg: DatasetConfig, num_partitions: int, seed: int) -> ClientCut:
+    """Every client's data for ``num_partitions`` clients (see :class:`ClientCut`)."""
+    pool = stored_test_split(cfg, seed)[0]
+    rows: list[np.ndarray] = []
+    bounds = np.zeros((num_partitions, 3), dtype=np.int64)
+    at = 0
+    for p, idx in enumerate(partition_all(cfg, num_partitions, seed, pool=pool)):
+        train, val = _client_rows(cfg, pool, idx, p, seed)
+        bounds[p] = (at, at + len(train), at + len(train) + len(val))
+        at = int(bounds[p, 2])
+        rows += [train, val]
+    return ClientCut(pool.subset(np.concatenate(rows)), bounds, cut_key(cfg, num_partitions, seed))
+
+
+def save_cut(cut: ClientCut, folder: Path) -> None:
+    """Write ``cut`` to ``folder`` (created): ``.npy`` arrays, then ``cut.json`` last."""
+    folder.mkdir(parents=True, exist_ok=True)
+    d = cut.data
+    arrays = ({"codes": d.codes, "table": d.table} if isinstance(d, ByteImages) else {"x": d.x})
+    for name, array in {**arrays, "y": d.y, "bounds": cut.bounds}.items():
+        np.save(folder / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
+    (folder / "cut.json").write_text(json.dumps({"key": cut.key, "num_classes": d.num_classes,
+                                                 "arrays": sorted(arrays)}))
+
+
+def load_cut(folder: Path) -> ClientCut:
+    """The :class:`ClientCut` in ``folder``, its records mapped, not read.
+
+    Raises
+    ------
+    ValueError
+        If the folder does not hold a whole, consistent cut.
+    """
+    try:
+        meta = json.loads((folder / "cut.json").read_text())
+        def arr(name: str, mmap: bool = True) -> np.ndarray:
+            return np.load(folder / f"{name}.npy", mmap_mode="r" if mmap else None,
+                           allow_pickle=False)
+        y, bounds = arr("y"), arr("bounds", mmap=False)
+        data: ArrayData | ByteImages
+        if meta["arrays"] == ["codes", "table"]:
+            data = ByteImages(arr("codes"), arr("table", mmap=False), y, int(meta["num_classes"]))
+            n = len(data.codes)
+        else:
+            data = ArrayData(arr("x"), y, int(meta["num_classes"]))
+            n = len(data.x)
+        key = str(meta["key"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{folder}: not a readable client cut ({err})") from err
+    flat = bounds.reshape(-1)
+    if (bounds.ndim != 2 or bounds.shape[1] != 3 or n != len(y) or flat.size == 0
+            or flat[0] != 0 or np.any(np.diff(flat) < 0) or flat[-1] != n):
+        raise ValueError(f"{folder}: the client cut's bounds do not cover its {len(y)} rows")
+    return ClientCut(data, bounds, key)

@@ -17,13 +17,15 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 
 from clients.schema import SchemaError, TaskSchema
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["FORMATS", "IMAGE_SUFFIXES", "LoaderError", "RawData", "load_site", "infer_schema"]
 
@@ -96,6 +98,8 @@ def _checked_path(path: str | Path, fmt: str) -> Path:
 
 
 def _read_table(path: Path, fmt: str) -> pd.DataFrame:
+    import pandas as pd  # not at import: a client worker on bundled data never reads a table
+
     if fmt == "csv":
         # All columns as text: no type guessing per file ("007" stays "007");
         # features are parsed below, labels are matched by the schema.
@@ -105,6 +109,8 @@ def _read_table(path: Path, fmt: str) -> pd.DataFrame:
 
 def _numeric(column: pd.Series) -> np.ndarray:
     """float64 values; missing, unparseable and non-finite values become NaN."""
+    import pandas as pd  # not at import: a client worker on bundled data never reads a table
+
     parsed = pd.to_numeric(column, errors="coerce")
     values = parsed.to_numpy(dtype=np.float64, na_value=np.nan, copy=True)
     values[~np.isfinite(values)] = np.nan
@@ -127,6 +133,8 @@ def _require_columns(path: Path, frame: pd.DataFrame, wanted: Sequence[str]) -> 
 
 def _require_unique_header(path: Path, wanted: Sequence[str]) -> None:
     """pandas renames a repeated CSV column ``a`` to ``a.1``; refuse to guess which is meant."""
+    import pandas as pd  # not at import: a client worker on bundled data never reads a table
+
     header = pd.read_csv(path, header=None, nrows=1, dtype=str).iloc[0].tolist()
     repeated = sorted({c for c in wanted if header.count(c) > 1})
     if repeated:
@@ -401,6 +409,8 @@ def load_site(path: str | Path, fmt: str, schema: TaskSchema) -> RawData:
 
 def _mostly_numeric(column: pd.Series) -> bool:
     """Whether at least half of a column's present values are numbers."""
+    import pandas as pd  # not at import: a client worker on bundled data never reads a table
+
     if pd.api.types.is_datetime64_any_dtype(column) or pd.api.types.is_timedelta64_dtype(column):
         return False
     present = column.dropna()
@@ -410,6 +420,8 @@ def _mostly_numeric(column: pd.Series) -> bool:
 
 def _seen_labels(values: np.ndarray) -> tuple[Any, ...]:
     """Sorted distinct labels: ints when every label is an integer, else stripped text."""
+    import pandas as pd  # not at import: a client worker on bundled data never reads a table
+
     present = pd.Series(values, dtype=object).dropna()
     present = present[present.map(lambda v: str(v).strip() != "")]
     numbers = pd.to_numeric(present, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)

@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 from torch.nn import functional
 from torch.utils.data import Dataset
 
@@ -669,6 +668,8 @@ class Split:
             raise PreprocessError(f"split val_fraction={self.val_fraction}: {len(y)} row(s) "
                                   "leave none for training")
         stratify = y if self.stratified(y) else None
+        from sklearn.model_selection import train_test_split  # only when a site splits
+
         train, val = train_test_split(idx, test_size=n_val, random_state=int(seed),
                                       stratify=stratify)
         return np.sort(train), np.sort(val)

@@ -32,6 +32,9 @@ DATA_REPORT = "data_report.json"
 # The statistics round's result, sent by the server with every round's config.
 STATS_MEAN_KEY = "stats-mean"
 STATS_STD_KEY = "stats-std"
+# A simulation's server: the folder where it saved every client's bundled data
+# (clients.data.save_cut), for the workers to read rather than cut themselves.
+CLIENT_CUT_KEY = "client-data-cut"
 
 
 # A site's prepared data: train and validation sets, the augmentation, the report.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,8 @@ def compose_config(overrides: list[str]) -> tuple[RunConfig, str]:
 # sleeps 0.1 s between looks, so every round waited 0.05 s on average after its last
 # reply (a tenth of a round of the default task); a look is a dictionary lookup.
 SIMULATION_PULL_INTERVAL_S = 0.005
+# Where a simulation's server saves every client's data for the workers (removed at the end).
+CLIENT_CUT_DIR = "client-data"
 
 
 def serve(grid: Grid, cfg: RunConfig, run_dir: RunDir, resolved_yaml: str) -> dict[str, Any]:
@@ -79,11 +82,21 @@ def serve(grid: Grid, cfg: RunConfig, run_dir: RunDir, resolved_yaml: str) -> di
 
         write_partition_report(run_dir.path, partition_report(
             cfg.dataset, cfg.simulation.num_clients, cfg.train.seed))
+    cut = None
+    local = isinstance(grid, InMemoryGrid) or getattr(grid, "clients_on_this_machine", False)
+    if local and not cfg.dataset.is_files and not cfg.dataset.preprocess:
+        # Simulated clients on this machine (Ray's workers): cut their data once, here.
+        from clients.data import cut_clients, save_cut
+
+        cut = (run_dir.path / CLIENT_CUT_DIR).resolve()
+        save_cut(cut_clients(cfg.dataset, cfg.simulation.num_clients, cfg.train.seed), cut)
     reporter = RoundReporter(cfg.train.rounds, enabled=cfg.output.progress)
     try:
-        return run_federation(grid, cfg, run_dir, reporter)
+        return run_federation(grid, cfg, run_dir, reporter, client_cut=cut)
     finally:
         run_dir.close()
+        if cut is not None:
+            shutil.rmtree(cut, ignore_errors=True)  # a copy of bundled data: not kept
 
 
 def make_server_app(cfg: RunConfig, run_dir: RunDir, resolved_yaml: str) -> ServerApp:

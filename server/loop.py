@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from clients.data import ArrayData
 from clients.models import build_model
 from clients.records import integer, metric_record, number
 from clients.sitedata import (
+    CLIENT_CUT_KEY,
     STATS_MEAN_KEY,
     STATS_STD_KEY,
     input_shape_of,
@@ -238,8 +240,11 @@ def _stop_before_round(budget: BudgetAwareSelection, grid: Grid, cfg: RunConfig)
 
 
 def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
-                   reporter: RoundReporter) -> dict[str, Any]:
+                   reporter: RoundReporter, client_cut: Path | None = None) -> dict[str, Any]:
     """Run up to ``cfg.train.rounds`` rounds on ``grid``; write the run directory.
+
+    ``client_cut``: where every client's data was saved (:func:`clients.data.save_cut`),
+    told to the clients with every task.
 
     Stops early, cleanly, when too few sites have budget left or a site
     declines because the global ε cap would be crossed (``stop_reason``).
@@ -253,6 +258,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDir,
     stack = build_stack(cfg)
     budget = stack.budget
     task = {**flatten(cfg.task), STATE_ROOT_KEY: str(run_dir.sites_dir)}
+    if client_cut is not None:
+        task[CLIENT_CUT_KEY] = str(client_cut)
     ledger = ServerLedger(run_dir.ledger_path)
     pc = cfg.privacy
     smoothed: dict[str, torch.Tensor] | None = None

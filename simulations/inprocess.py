@@ -42,6 +42,8 @@ class InProcessGrid(Grid):
     Flower's simulation engine sets it).
     """
 
+    clients_on_this_machine = True  # the server may leave files for them (server.app.serve)
+
     def __init__(self, client_app: ClientApp, num_clients: int, *,
                  node_config: dict[int, dict[str, Any]] | None = None) -> None:
         self.client_app = client_app

@@ -12,10 +12,14 @@ from clients.config import ConfigError, DatasetConfig
 from clients.data import (
     FASHION_MNIST_ENV,
     client_partition,
+    cut_clients,
+    cut_key,
     fashion_mnist_dirs,
     load_bundled,
+    load_cut,
     load_fashion_mnist,
     partition_all,
+    save_cut,
     server_test_split,
     stored_test_split,
 )
@@ -401,3 +405,67 @@ def test_a_client_decodes_only_its_records_with_the_same_values(tmp_path, monkey
         for part, want in zip(got, from_floats, strict=True):
             assert part.x.dtype == np.float32
             assert np.array_equal(part.x, want.x) and np.array_equal(part.y, want.y)
+
+
+@pytest.mark.parametrize("cfg, clients", [
+    (DatasetConfig(), 7),
+    (DatasetConfig(partitioner="dirichlet", alpha=0.5), 5),
+    (DatasetConfig(partitioner="pathological", classes_per_client=2), 9),
+    (DatasetConfig(val_fraction=0.0), 4),
+    (DatasetConfig(name="mnist5k", test_fraction=0.3, val_fraction=0.25), 3),
+])
+def test_the_servers_cut_gives_each_client_what_it_would_cut_itself(tmp_path, cfg, clients):
+    # Prepare: the cut saved to a folder and mapped back, as a worker reads it.
+    save_cut(cut_clients(cfg, clients, 4), tmp_path / "cut")
+    cut = load_cut(tmp_path / "cut")
+    # Execute / Assert: every client's train and validation data, bit for bit.
+    assert cut.key == cut_key(cfg, clients, 4)
+    for pid in range(clients):
+        for mine, theirs in zip(cut.client(pid), client_partition(cfg, pid, clients, 4),
+                                strict=True):
+            assert mine.x.dtype == theirs.x.dtype and mine.y.dtype == theirs.y.dtype
+            assert np.array_equal(mine.x, theirs.x) and np.array_equal(mine.y, theirs.y)
+            assert mine.x.flags.writeable and mine.x.flags.c_contiguous  # a copy of its own
+
+
+def test_a_fashion_mnist_cut_keeps_bytes_and_decodes_them(tmp_path, monkeypatch):
+    # Prepare
+    _synthetic_fashion(tmp_path, monkeypatch)
+    cfg = DatasetConfig(name="fashion-mnist")
+    save_cut(cut_clients(cfg, 3, 0), tmp_path / "cut")
+    # Execute
+    cut = load_cut(tmp_path / "cut")
+    # Assert: one byte a pixel on disk; floats for the client, as it would cut them
+    assert np.load(tmp_path / "cut" / "codes.npy").dtype == np.uint8
+    for pid in range(3):
+        for mine, theirs in zip(cut.client(pid), client_partition(cfg, pid, 3, 0), strict=True):
+            assert mine.x.dtype == np.float32 and np.array_equal(mine.x, theirs.x)
+            assert np.array_equal(mine.y, theirs.y)
+
+
+def test_keys_tell_every_setting_apart():
+    base = cut_key(DatasetConfig(), 10, 0)
+    assert base == cut_key(DatasetConfig(), 10, 0)
+    assert len({base, cut_key(DatasetConfig(), 11, 0), cut_key(DatasetConfig(), 10, 1),
+                cut_key(DatasetConfig(val_fraction=0.2), 10, 0),
+                cut_key(DatasetConfig(partitioner="dirichlet"), 10, 0)}) == 5
+
+
+@pytest.mark.parametrize("damage", ["no_meta", "no_rows", "short_bounds", "bad_json"])
+def test_a_damaged_cut_is_refused_by_name(tmp_path, damage):
+    # Prepare
+    folder = tmp_path / "cut"
+    save_cut(cut_clients(DatasetConfig(), 3, 0), folder)
+    if damage == "no_meta":
+        (folder / "cut.json").unlink()
+    elif damage == "no_rows":
+        (folder / "x.npy").unlink()
+    elif damage == "short_bounds":
+        bounds = np.load(folder / "bounds.npy")
+        bounds[-1, -1] -= 1
+        np.save(folder / "bounds.npy", bounds)
+    else:
+        (folder / "cut.json").write_text("{")
+    # Execute / Assert
+    with pytest.raises(ValueError, match=str(folder)):
+        load_cut(folder)

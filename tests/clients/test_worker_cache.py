@@ -300,6 +300,59 @@ def test_plain_site_data_is_evicted_past_its_byte_bound(tmp_path):
     assert (stats.hits, stats.misses) == (1, 4)
 
 
+def test_clients_read_the_servers_cut_when_it_was_cut_for_them(tmp_path):
+    # Prepare: a cut for 5 digits clients with seed 0.
+    from clients.data import cut_clients, save_cut
+
+    cfg = DatasetConfig()
+    save_cut(cut_clients(cfg, 5, 0), tmp_path / "cut")
+    cache = WorkerCache()
+    # Execute: as cut; then another seed and another client count, not as cut
+    read = cache.client_partition(cfg, 3, 5, 0, cut=str(tmp_path / "cut"))
+    reads = cache.cut_reads
+    other_seed = cache.client_partition(cfg, 3, 5, 1, cut=str(tmp_path / "cut"))
+    other_count = cache.client_partition(cfg, 3, 6, 0, cut=str(tmp_path / "cut"))
+    # Assert: read from the cut only where its key matches; every answer the cut's own
+    assert reads == 1 and cache.cut_reads == 1
+    for got, args in ((read, (3, 5, 0)), (other_seed, (3, 5, 1)), (other_count, (3, 6, 0))):
+        for part, want in zip(got, client_partition(cfg, *args), strict=True):
+            assert np.array_equal(part.x, want.x) and np.array_equal(part.y, want.y)
+
+
+def test_an_unreadable_cut_is_named_and_the_worker_cuts_itself(tmp_path, caplog):
+    # Prepare: a folder with no cut in it
+    (tmp_path / "cut").mkdir()
+    cache = WorkerCache()
+    # Execute
+    with caplog.at_level("WARNING", logger="clients.cache"):
+        got, _ = cache.client_partition(DatasetConfig(), 1, 4, 0, cut=str(tmp_path / "cut"))
+    # Assert
+    assert cache.cut_reads == 0 and "not a readable client cut" in caplog.text
+    assert np.array_equal(got.x, client_partition(DatasetConfig(), 1, 4, 0)[0].x)
+
+
+def test_a_worker_that_reads_a_cut_does_not_import_the_splitting_libraries(tmp_path):
+    # Prepare: a fresh interpreter, as a Ray worker starts
+    import subprocess
+    import sys
+
+    from clients.data import cut_clients, save_cut
+
+    save_cut(cut_clients(DatasetConfig(), 4, 0), tmp_path / "cut")
+    code = ("import sys, clients.app\n"
+            "from clients.cache import WorkerCache\n"
+            "from clients.config import DatasetConfig\n"
+            "WorkerCache().client_partition(DatasetConfig(), 2, 4, 0, "
+            f"cut={str(tmp_path / 'cut')!r})\n"
+            "print(sorted(m for m in ('sklearn', 'pandas', 'datasets', 'flwr_datasets',"
+            " 'matplotlib') if m in sys.modules))")
+    # Execute
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    # Assert: none of them (about 140 MB of a worker's memory)
+    assert out.strip().splitlines()[-1] == "[]"
+
+
 def test_the_process_cache_lives_until_replaced():
     # Prepare
     mine = WorkerCache()

@@ -128,3 +128,20 @@ def test_each_rounds_eps_max_is_every_sites_epsilon_so_far_recomputed(tmp_path):
         this_round = {c.site for c in rows if c.round == r["round"]}
         lead_elsewhere += max(per_site.values()) > max(per_site[s] for s in this_round)
     assert lead_elsewhere  # a round where the largest ε belongs to a site not in it
+
+
+def test_clients_read_their_data_from_the_servers_cut_which_is_removed_after(tmp_path):
+    # Prepare: a worker cache of this test's own, which the in-process clients use
+    from clients.cache import WorkerCache, use_worker_cache
+    from server.app import CLIENT_CUT_DIR
+
+    cfg, resolved = compose_config(["train.rounds=2", "simulation.num_clients=4",
+                                    "privacy.accountant=rdp", "output.progress=false"])
+    cache = WorkerCache()
+    # Execute
+    with use_worker_cache(cache):
+        run_in_process(cfg, tmp_path / "run", resolved)
+    # Assert: every training and evaluation call's data came from the cut; it is gone
+    assert cache.cut_reads >= 4
+    assert cache.stats()["data"].misses == 0  # no pool was loaded and cut in the worker
+    assert not (tmp_path / "run" / CLIENT_CUT_DIR).exists()

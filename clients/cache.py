@@ -8,7 +8,7 @@ created on first use and kept until the process ends; :func:`use_worker_cache`
 puts another one in place (a test, a benchmark, a disabled cache) and
 :meth:`WorkerCache.clear` empties it.
 
-It remembers four pure functions of their keys, nothing else:
+It remembers pure functions of their keys, nothing else:
 
 - a bundled data set's train pool and its partition cut (the indices of every
   client), keyed by the dataset config, the seed and the number of partitions;
@@ -24,7 +24,11 @@ It remembers four pure functions of their keys, nothing else:
 - σ calibrations (:func:`privacy.calibrate_noise_multiplier`), keyed by every
   argument of the calibration;
 - ε of a history (:class:`privacy.EpsilonMemo`), keyed by its composition, δ
-  and the accountant.
+  and the accountant;
+- a simulation server's cut of every client's data
+  (:class:`clients.data.ClientCut`), mapped once per folder; a client's data
+  is read from it only when the cut's key is that of the client's own
+  arguments, and counted in ``cut_reads``.
 
 So no charge, σ or ε changes with it: the ledgers stay the only privacy state
 (a run's σ is still read back from its first charge, every release is still

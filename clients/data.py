@@ -601,6 +601,7 @@ def cut_clients(cfg: DatasetConfig, num_partitions: int, seed: int) -> ClientCut
 def save_cut(cut: ClientCut, folder: Path) -> None:
     """Write ``cut`` to ``folder`` (created): ``.npy`` arrays, then ``cut.json`` last."""
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cut.json").unlink(missing_ok=True)  # an earlier cut is not whole meanwhile
     d = cut.data
     arrays = ({"codes": d.codes, "table": d.table} if isinstance(d, ByteImages) else {"x": d.x})
     for name, array in {**arrays, "y": d.y, "bounds": cut.bounds}.items():
@@ -631,10 +632,12 @@ def load_cut(folder: Path) -> ClientCut:
             data = ArrayData(arr("x"), y, int(meta["num_classes"]))
             n = len(data.x)
         key = str(meta["key"])
+        clients = int(json.loads(key)["num_partitions"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{folder}: not a readable client cut ({err})") from err
     flat = bounds.reshape(-1)
-    if (bounds.ndim != 2 or bounds.shape[1] != 3 or n != len(y) or flat.size == 0
+    if (bounds.ndim != 2 or bounds.shape != (clients, 3) or n != len(y) or flat.size == 0
             or flat[0] != 0 or np.any(np.diff(flat) < 0) or flat[-1] != n):
-        raise ValueError(f"{folder}: the client cut's bounds do not cover its {len(y)} rows")
+        raise ValueError(f"{folder}: the client cut's bounds do not cover its {len(y)} rows "
+                         f"in {clients} clients")
     return ClientCut(data, bounds, key)

@@ -451,7 +451,8 @@ def test_keys_tell_every_setting_apart():
                 cut_key(DatasetConfig(partitioner="dirichlet"), 10, 0)}) == 5
 
 
-@pytest.mark.parametrize("damage", ["no_meta", "no_rows", "short_bounds", "bad_json"])
+@pytest.mark.parametrize("damage", ["no_meta", "no_rows", "short_bounds", "bad_json",
+                                    "a_client_missing"])
 def test_a_damaged_cut_is_refused_by_name(tmp_path, damage):
     # Prepare
     folder = tmp_path / "cut"
@@ -464,6 +465,10 @@ def test_a_damaged_cut_is_refused_by_name(tmp_path, damage):
         bounds = np.load(folder / "bounds.npy")
         bounds[-1, -1] -= 1
         np.save(folder / "bounds.npy", bounds)
+    elif damage == "a_client_missing":  # the rows still covered, by two clients of three
+        bounds = np.load(folder / "bounds.npy")
+        bounds[1, 2] = bounds[2, 2]
+        np.save(folder / "bounds.npy", bounds[:2])
     else:
         (folder / "cut.json").write_text("{")
     # Execute / Assert

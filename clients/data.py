@@ -20,7 +20,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
 import numpy as np
 
@@ -315,15 +315,6 @@ def _load_stored(name: str) -> ArrayData | ByteImages:
 # --------------------------------------------------------------------------
 # Splits and partitions
 # --------------------------------------------------------------------------
-
-@overload
-def _split(data: ArrayData, fraction: float, seed: int) -> tuple[ArrayData, ArrayData]: ...
-@overload
-def _split(data: ByteImages, fraction: float, seed: int) -> tuple[ByteImages, ByteImages]: ...
-@overload
-def _split(data: ArrayData | ByteImages, fraction: float,
-           seed: int) -> tuple[ArrayData | ByteImages, ArrayData | ByteImages]: ...
-
 
 def _split(data: ArrayData | ByteImages, fraction: float,
            seed: int) -> tuple[ArrayData | ByteImages, ArrayData | ByteImages]:

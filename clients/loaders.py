@@ -24,7 +24,7 @@ from PIL import Image
 
 from clients.schema import SchemaError, TaskSchema
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported where used: a client worker on bundled data reads no table
     import pandas as pd
 
 __all__ = ["FORMATS", "IMAGE_SUFFIXES", "LoaderError", "RawData", "load_site", "infer_schema"]
@@ -98,7 +98,7 @@ def _checked_path(path: str | Path, fmt: str) -> Path:
 
 
 def _read_table(path: Path, fmt: str) -> pd.DataFrame:
-    import pandas as pd  # not at import: a client worker on bundled data never reads a table
+    import pandas as pd
 
     if fmt == "csv":
         # All columns as text: no type guessing per file ("007" stays "007");
@@ -109,7 +109,7 @@ def _read_table(path: Path, fmt: str) -> pd.DataFrame:
 
 def _numeric(column: pd.Series) -> np.ndarray:
     """float64 values; missing, unparseable and non-finite values become NaN."""
-    import pandas as pd  # not at import: a client worker on bundled data never reads a table
+    import pandas as pd
 
     parsed = pd.to_numeric(column, errors="coerce")
     values = parsed.to_numpy(dtype=np.float64, na_value=np.nan, copy=True)
@@ -133,7 +133,7 @@ def _require_columns(path: Path, frame: pd.DataFrame, wanted: Sequence[str]) -> 
 
 def _require_unique_header(path: Path, wanted: Sequence[str]) -> None:
     """pandas renames a repeated CSV column ``a`` to ``a.1``; refuse to guess which is meant."""
-    import pandas as pd  # not at import: a client worker on bundled data never reads a table
+    import pandas as pd
 
     header = pd.read_csv(path, header=None, nrows=1, dtype=str).iloc[0].tolist()
     repeated = sorted({c for c in wanted if header.count(c) > 1})
@@ -409,7 +409,7 @@ def load_site(path: str | Path, fmt: str, schema: TaskSchema) -> RawData:
 
 def _mostly_numeric(column: pd.Series) -> bool:
     """Whether at least half of a column's present values are numbers."""
-    import pandas as pd  # not at import: a client worker on bundled data never reads a table
+    import pandas as pd
 
     if pd.api.types.is_datetime64_any_dtype(column) or pd.api.types.is_timedelta64_dtype(column):
         return False
@@ -420,7 +420,7 @@ def _mostly_numeric(column: pd.Series) -> bool:
 
 def _seen_labels(values: np.ndarray) -> tuple[Any, ...]:
     """Sorted distinct labels: ints when every label is an integer, else stripped text."""
-    import pandas as pd  # not at import: a client worker on bundled data never reads a table
+    import pandas as pd
 
     present = pd.Series(values, dtype=object).dropna()
     present = present[present.map(lambda v: str(v).strip() != "")]

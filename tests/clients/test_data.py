@@ -428,6 +428,26 @@ def test_the_servers_cut_gives_each_client_what_it_would_cut_itself(tmp_path, cf
             assert mine.x.flags.writeable and mine.x.flags.c_contiguous  # a copy of its own
 
 
+def test_a_cut_client_is_its_partition_split_as_scikit_learn_splits_it(tmp_path):
+    # Prepare: client 2's data written out from its parts, not through the code under
+    # test: its partition of the test split's pool, then a stratified split of its
+    # records with scikit-learn (seed + 1 + client), each part in pool order.
+    from sklearn.model_selection import train_test_split
+
+    cfg = DatasetConfig(val_fraction=0.25)
+    pool, _ = server_test_split(cfg, 4)
+    idx = partition_all(cfg, 5, 4)[2]
+    rest, out = train_test_split(np.arange(len(idx)), test_size=0.25, random_state=4 + 1 + 2,
+                                 stratify=pool.y[idx])
+    want = [idx[np.sort(rest)], idx[np.sort(out)]]
+    save_cut(cut_clients(cfg, 5, 4), tmp_path / "cut")
+    # Execute
+    got = load_cut(tmp_path / "cut").client(2)
+    # Assert
+    for part, rows in zip(got, want, strict=True):
+        assert np.array_equal(part.x, pool.x[rows]) and np.array_equal(part.y, pool.y[rows])
+
+
 def test_a_fashion_mnist_cut_keeps_bytes_and_decodes_them(tmp_path, monkeypatch):
     # Prepare
     _synthetic_fashion(tmp_path, monkeypatch)
